@@ -1,0 +1,1 @@
+//! flux-shard: the per-core runtime (executors, ring mesh, routing, delivery).
