@@ -18,6 +18,11 @@ pub struct BrokerConfig {
     /// Accept clients without credentials. fluxd refuses to start a non-loopback listener without
     /// authentication unless this is set.
     pub allow_anonymous: bool,
+    /// Data directory (already created, checked writable and locked by the CLI).
+    pub data_dir: std::path::PathBuf,
+    /// io_uring registered-buffer memory per executor, in bytes (glommio `io_memory`). The CLI
+    /// raises RLIMIT_MEMLOCK to cover `shards * io_memory_bytes` or lowers this value.
+    pub io_memory_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
