@@ -1,0 +1,669 @@
+//! The MQTT session: subscriptions, QoS 1/2 state in both directions, the queue of messages
+//! waiting for the inflight window, and the will. Sans-IO: packets and `now` in, packets and
+//! [`Event`]s out.
+//!
+//! Lives on the session's home shard (`shard_for(client_id)`), inside that shard's session table;
+//! only that shard's tasks touch it. A connection for it that arrives on another shard is handed
+//! over to the home shard before any session code runs.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::limits::Limits;
+use crate::mqtt::{
+    encoded_len, Disconnect, Packet, PacketId, Properties, ProtocolVersion, PubResp, Publish, QoS,
+    ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe, Will,
+};
+use crate::session::connect::{check_topic_limits, Negotiated};
+use crate::session::message::{Delivery, Message, Publication};
+use crate::topic::{SubscriptionFilter, TopicName};
+
+/// One subscription of a session.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Subscription {
+    pub filter: SubscriptionFilter,
+    pub options: SubscriptionOptions,
+    pub id: Option<u32>,
+}
+
+/// A subscription the runtime must add to its tables before the SUBACK goes out.
+#[derive(Clone, Debug)]
+pub struct Subscribed {
+    pub subscription: Subscription,
+    /// The session already had a subscription with this exact filter (options replaced).
+    pub existed: bool,
+}
+
+/// What the runtime must do beyond sending `Outbox::packets`.
+#[derive(Debug)]
+pub enum Event {
+    /// Route `message` to matching subscribers (and the retained store when it is retained). When
+    /// `ack` is set, call [`Session::publish_routed`] afterwards so the PUBACK/PUBREC goes out
+    /// with the right reason code.
+    Publish { message: Message, ack: Option<(PacketId, QoS)> },
+    /// Add these to the subscriber table; send `suback` once every shard's route table has them;
+    /// then send retained messages per each subscription's retain handling.
+    Subscribe { added: Vec<Subscribed>, suback: SubAck },
+    /// Remove these from the subscriber table (UNSUBACK already in `packets`).
+    Unsubscribe { removed: Vec<SubscriptionFilter> },
+}
+
+/// Packets to send and events to act on, filled by the session's methods.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    pub packets: Vec<Packet>,
+    pub events: Vec<Event>,
+}
+
+/// The connection must close: send DISCONNECT with `reason` first when the peer speaks MQTT 5
+/// and `send_disconnect` holds; publish the will unless `discard_will`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Close {
+    pub reason: ReasonCode,
+    pub send_disconnect: bool,
+    pub discard_will: bool,
+}
+
+impl Close {
+    fn error(reason: ReasonCode) -> Close {
+        Close { reason, send_disconnect: true, discard_will: false }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutState {
+    /// QoS 1 sent, waiting for PUBACK.
+    AwaitAck,
+    /// QoS 2 sent, waiting for PUBREC.
+    AwaitRec,
+    /// PUBREL sent, waiting for PUBCOMP.
+    AwaitComp,
+}
+
+#[derive(Debug)]
+struct OutFlight {
+    packet_id: PacketId,
+    delivery: Delivery,
+    state: OutState,
+}
+
+/// A will waiting for its delay (or the session's end) before it is published.
+#[derive(Clone, Debug)]
+pub struct PendingWill {
+    pub message: Message,
+    pub publish_at: Instant,
+}
+
+/// Counters a session keeps for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SessionStats {
+    /// QoS 1/2 messages dropped because the queue was full.
+    pub dropped_queue_full: u64,
+    /// Messages that expired before they could be sent.
+    pub dropped_expired: u64,
+    /// Messages larger than the client's Maximum Packet Size.
+    pub dropped_too_large: u64,
+    /// QoS 0 messages dropped while the session was offline.
+    pub dropped_qos0_offline: u64,
+}
+
+/// What became of a message handed to [`Session::deliver`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliverOutcome {
+    Sent,
+    Queued,
+    Dropped(DropReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    QueueFull,
+    Expired,
+    TooLarge,
+    Qos0Offline,
+}
+
+pub struct Session {
+    client_id: Arc<str>,
+    protocol: ProtocolVersion,
+    limits: Limits,
+    /// Keyed by the filter text as subscribed (with `$share/<group>/` when shared).
+    subscriptions: HashMap<String, Subscription>,
+    session_expiry_secs: u32,
+    inflight_out: VecDeque<OutFlight>,
+    queue: VecDeque<Delivery>,
+    next_packet_id: PacketId,
+    /// QoS 2 packet ids received and acknowledged with PUBREC, waiting for PUBREL.
+    qos2_in: HashSet<PacketId>,
+    will: Option<Will>,
+    pending_will: Option<PendingWill>,
+    /// Set while no connection is attached: when the session ends.
+    expires_at: Option<Instant>,
+    online: bool,
+    // Connection-scoped, reset by `attach`:
+    client_receive_maximum: u16,
+    client_maximum_packet_size: Option<u32>,
+    topic_aliases: HashMap<u16, TopicName>,
+    pub stats: SessionStats,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("client_id", &self.client_id)
+            .field("online", &self.online)
+            .field("subscriptions", &self.subscriptions.len())
+            .field("inflight_out", &self.inflight_out.len())
+            .field("queue", &self.queue.len())
+            .finish()
+    }
+}
+
+impl Session {
+    /// A fresh session for an accepted CONNECT (not yet attached).
+    pub fn new(negotiated: &Negotiated, limits: &Limits) -> Session {
+        Session {
+            client_id: Arc::from(negotiated.client_id.as_str()),
+            protocol: negotiated.protocol,
+            limits: limits.clone(),
+            subscriptions: HashMap::new(),
+            session_expiry_secs: negotiated.session_expiry_secs,
+            inflight_out: VecDeque::new(),
+            queue: VecDeque::new(),
+            next_packet_id: PacketId::new(1).unwrap_or(PacketId(std::num::NonZeroU16::MIN)),
+            qos2_in: HashSet::new(),
+            will: None,
+            pending_will: None,
+            expires_at: None,
+            online: false,
+            client_receive_maximum: u16::MAX,
+            client_maximum_packet_size: None,
+            topic_aliases: HashMap::new(),
+            stats: SessionStats::default(),
+        }
+    }
+
+    pub fn client_id(&self) -> &Arc<str> {
+        &self.client_id
+    }
+    pub fn protocol(&self) -> ProtocolVersion {
+        self.protocol
+    }
+    pub fn is_online(&self) -> bool {
+        self.online
+    }
+    pub fn subscriptions(&self) -> impl Iterator<Item = &Subscription> {
+        self.subscriptions.values()
+    }
+    pub fn subscription(&self, filter_text: &str) -> Option<&Subscription> {
+        self.subscriptions.get(filter_text)
+    }
+    pub fn queued_len(&self) -> usize {
+        self.queue.len()
+    }
+    pub fn inflight_len(&self) -> usize {
+        self.inflight_out.len()
+    }
+    pub fn expires_at(&self) -> Option<Instant> {
+        self.expires_at
+    }
+    pub fn pending_will(&self) -> Option<&PendingWill> {
+        self.pending_will.as_ref()
+    }
+
+    /// Attach a connection (new or resumed session). Puts into `out` the retransmissions owed
+    /// from the previous connection (DUP PUBLISH, PUBREL) and whatever the window lets out of the
+    /// queue. The caller sends CONNACK first. A pending will is cancelled (MQTT 5 3.1.3.2.2).
+    pub fn attach(&mut self, negotiated: &Negotiated, now: Instant, out: &mut Outbox) {
+        self.protocol = negotiated.protocol;
+        self.session_expiry_secs = negotiated.session_expiry_secs;
+        self.will = negotiated.will.clone();
+        self.pending_will = None;
+        self.expires_at = None;
+        self.online = true;
+        self.client_receive_maximum = negotiated.client_receive_maximum.max(1);
+        self.client_maximum_packet_size = negotiated.client_maximum_packet_size;
+        self.topic_aliases.clear();
+        for flight in &self.inflight_out {
+            let packet = match flight.state {
+                OutState::AwaitAck | OutState::AwaitRec => {
+                    let mut p = publish_packet(&flight.delivery, Some(flight.packet_id), now);
+                    p.dup = true;
+                    Packet::Publish(p)
+                }
+                OutState::AwaitComp => Packet::PubRel(PubResp::success(flight.packet_id)),
+            };
+            out.packets.push(packet);
+        }
+        self.pump(now, out);
+    }
+
+    /// The connection went away. `clean`: the client sent DISCONNECT (no will unless it asked
+    /// with 0x04 — see `handle`). Returns a will to publish right now (delay 0); a delayed will
+    /// is kept in `pending_will` for the runtime's housekeeping. Returns whether the session
+    /// ended (expiry 0) in the second field.
+    pub fn detach(&mut self, now: Instant, publish_will: bool) -> (Option<Message>, bool) {
+        self.online = false;
+        self.topic_aliases.clear();
+        let ends_now = self.session_expiry_secs == 0;
+        if self.session_expiry_secs != u32::MAX {
+            self.expires_at = Some(now + Duration::from_secs(u64::from(self.session_expiry_secs)));
+        }
+        let will = self.will.take().filter(|_| publish_will);
+        let mut immediate = None;
+        if let Some(will) = will {
+            let delay = will.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry_secs);
+            let message = will_message(&will, &self.client_id, now);
+            if delay == 0 || ends_now {
+                immediate = Some(message);
+            } else {
+                self.pending_will = Some(PendingWill {
+                    message,
+                    publish_at: now + Duration::from_secs(u64::from(delay)),
+                });
+            }
+        }
+        (immediate, ends_now)
+    }
+
+    /// A delayed will that is due at `now` (or because the session ends). Takes it.
+    pub fn take_due_will(&mut self, now: Instant) -> Option<Message> {
+        let due = self.pending_will.as_ref().is_some_and(|w| {
+            w.publish_at <= now || self.expires_at.is_some_and(|e| e <= now)
+        });
+        if due {
+            self.pending_will.take().map(|w| w.message)
+        } else {
+            None
+        }
+    }
+
+    /// Take the will of a session that is being discarded (takeover with clean start, expiry).
+    pub fn take_pending_will(&mut self) -> Option<Message> {
+        self.pending_will.take().map(|w| w.message)
+    }
+
+    pub fn is_expired(&self, now: Instant) -> bool {
+        !self.online && self.expires_at.is_some_and(|e| e <= now)
+    }
+
+    /// Handle one packet from the attached client.
+    pub fn handle(&mut self, packet: Packet, now: Instant, out: &mut Outbox) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p, now, out),
+            Packet::PubAck(r) => {
+                self.on_ack(r.packet_id, OutState::AwaitAck);
+                self.pump(now, out);
+                Ok(())
+            }
+            Packet::PubRec(r) => {
+                self.on_pubrec(r, out);
+                self.pump(now, out);
+                Ok(())
+            }
+            Packet::PubComp(r) => {
+                self.on_ack(r.packet_id, OutState::AwaitComp);
+                self.pump(now, out);
+                Ok(())
+            }
+            Packet::PubRel(r) => {
+                let reason = if self.qos2_in.remove(&r.packet_id) {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::PacketIdentifierNotFound
+                };
+                out.packets.push(Packet::PubComp(PubResp {
+                    packet_id: r.packet_id,
+                    reason: self.v5_reason(reason),
+                    properties: Properties::default(),
+                }));
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.on_subscribe(s, out),
+            Packet::Unsubscribe(u) => {
+                self.on_unsubscribe(u, out);
+                Ok(())
+            }
+            Packet::PingReq => {
+                out.packets.push(Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => Err(self.on_disconnect(d)),
+            // AUTH without an authentication method in CONNECT (we refuse every method) and any
+            // second CONNECT or server-only packet are protocol errors (MQTT 5 4.13).
+            Packet::Auth(_)
+            | Packet::Connect(_)
+            | Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp => Err(Close::error(ReasonCode::ProtocolError)),
+        }
+    }
+
+    /// After the runtime routed a QoS 1/2 publish: send PUBACK or PUBREC. `matched`: some
+    /// subscriber or store took it (MQTT 5 otherwise says 0x10 No matching subscribers).
+    pub fn publish_routed(&mut self, packet_id: PacketId, qos: QoS, matched: bool, out: &mut Outbox) {
+        let reason =
+            if matched { ReasonCode::Success } else { self.v5_reason(ReasonCode::NoMatchingSubscribers) };
+        let resp = PubResp { packet_id, reason, properties: Properties::default() };
+        out.packets.push(match qos {
+            QoS::ExactlyOnce => Packet::PubRec(resp),
+            _ => Packet::PubAck(resp),
+        });
+    }
+
+    /// Offer a message to this session: sent now if online and the window allows, else queued
+    /// (QoS 1/2, bounded by `max_queued_messages`), else dropped and counted.
+    pub fn deliver(&mut self, delivery: Delivery, now: Instant, out: &mut Outbox) -> DeliverOutcome {
+        if delivery.message.is_expired(now) {
+            self.stats.dropped_expired += 1;
+            return DeliverOutcome::Dropped(DropReason::Expired);
+        }
+        if delivery.qos == QoS::AtMostOnce {
+            if !self.online {
+                self.stats.dropped_qos0_offline += 1;
+                return DeliverOutcome::Dropped(DropReason::Qos0Offline);
+            }
+            return match self.send_publish(&delivery, None, now, out) {
+                true => DeliverOutcome::Sent,
+                false => DeliverOutcome::Dropped(DropReason::TooLarge),
+            };
+        }
+        if self.online && self.queue.is_empty() && self.window_open() {
+            return match self.send_inflight(delivery, now, out) {
+                true => DeliverOutcome::Sent,
+                false => DeliverOutcome::Dropped(DropReason::TooLarge),
+            };
+        }
+        if self.queue.len() >= self.limits.max_queued_messages {
+            self.stats.dropped_queue_full += 1;
+            return DeliverOutcome::Dropped(DropReason::QueueFull);
+        }
+        self.queue.push_back(delivery);
+        DeliverOutcome::Queued
+    }
+
+    /// Take every unacknowledged and queued QoS 1/2 message (for handing to another member of a
+    /// shared subscription group when this session goes away).
+    pub fn drain_undelivered(&mut self) -> Vec<Delivery> {
+        let mut v: Vec<Delivery> = self
+            .inflight_out
+            .drain(..)
+            .filter(|f| f.state != OutState::AwaitComp)
+            .map(|f| f.delivery)
+            .collect();
+        v.extend(self.queue.drain(..));
+        v
+    }
+
+    fn window_open(&self) -> bool {
+        let window = self.client_receive_maximum.min(self.limits.max_inflight_messages.max(1));
+        self.inflight_out.len() < usize::from(window)
+    }
+
+    fn pump(&mut self, now: Instant, out: &mut Outbox) {
+        while self.online && self.window_open() {
+            let Some(d) = self.queue.pop_front() else { break };
+            if d.message.is_expired(now) {
+                self.stats.dropped_expired += 1;
+                continue;
+            }
+            self.send_inflight(d, now, out);
+        }
+    }
+
+    fn send_inflight(&mut self, delivery: Delivery, now: Instant, out: &mut Outbox) -> bool {
+        let packet_id = self.allocate_packet_id();
+        if !self.send_publish(&delivery, Some(packet_id), now, out) {
+            return false;
+        }
+        let state = if delivery.qos == QoS::ExactlyOnce { OutState::AwaitRec } else { OutState::AwaitAck };
+        self.inflight_out.push_back(OutFlight { packet_id, delivery, state });
+        true
+    }
+
+    /// Push a PUBLISH unless it exceeds the client's Maximum Packet Size (MQTT 5 3.1.2.25:
+    /// discarded as if delivered).
+    fn send_publish(&mut self, d: &Delivery, packet_id: Option<PacketId>, now: Instant, out: &mut Outbox) -> bool {
+        let packet = Packet::Publish(publish_packet(d, packet_id, now));
+        if let Some(max) = self.client_maximum_packet_size {
+            if encoded_len(&packet, self.protocol) > max as usize {
+                self.stats.dropped_too_large += 1;
+                return false;
+            }
+        }
+        out.packets.push(packet);
+        true
+    }
+
+    fn allocate_packet_id(&mut self) -> PacketId {
+        // The window (<= 65535) is smaller than the id space, so a free id always exists.
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = id.next();
+            if !self.inflight_out.iter().any(|f| f.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    fn on_ack(&mut self, packet_id: PacketId, expected: OutState) {
+        if let Some(pos) =
+            self.inflight_out.iter().position(|f| f.packet_id == packet_id && f.state == expected)
+        {
+            self.inflight_out.remove(pos);
+        }
+    }
+
+    fn on_pubrec(&mut self, r: PubResp, out: &mut Outbox) {
+        let pos = self
+            .inflight_out
+            .iter()
+            .position(|f| f.packet_id == r.packet_id && f.state != OutState::AwaitAck);
+        match pos {
+            Some(pos) if r.reason.is_error() => {
+                // The receiver refused the message: the exchange ends here (MQTT 5 4.3.3).
+                self.inflight_out.remove(pos);
+            }
+            Some(pos) => {
+                if let Some(f) = self.inflight_out.get_mut(pos) {
+                    f.state = OutState::AwaitComp;
+                }
+                out.packets.push(Packet::PubRel(PubResp::success(r.packet_id)));
+            }
+            None => out.packets.push(Packet::PubRel(PubResp {
+                packet_id: r.packet_id,
+                reason: self.v5_reason(ReasonCode::PacketIdentifierNotFound),
+                properties: Properties::default(),
+            })),
+        }
+    }
+
+    fn on_publish(&mut self, mut p: Publish, now: Instant, out: &mut Outbox) -> Result<(), Close> {
+        if let Some(alias) = p.properties.topic_alias {
+            if alias == 0 || alias > self.limits.max_topic_aliases {
+                return Err(Close::error(ReasonCode::TopicAliasInvalid));
+            }
+            if p.topic.is_empty() {
+                match self.topic_aliases.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => return Err(Close::error(ReasonCode::ProtocolError)),
+                }
+            } else {
+                self.topic_aliases.insert(alias, p.topic.clone());
+            }
+        }
+        if p.topic.is_empty() {
+            return Err(Close::error(ReasonCode::ProtocolError));
+        }
+        if check_topic_limits(p.topic.as_str(), &self.limits).is_err() {
+            return Err(Close::error(ReasonCode::TopicNameInvalid));
+        }
+        let ack = match (p.qos, p.packet_id) {
+            (QoS::AtMostOnce, _) => None,
+            (qos, Some(id)) => Some((id, qos)),
+            (_, None) => return Err(Close::error(ReasonCode::ProtocolError)),
+        };
+        if let Some((id, QoS::ExactlyOnce)) = ack {
+            if self.qos2_in.contains(&id) {
+                // A retransmission of a QoS 2 message we already took: acknowledge, don't route
+                // again (exactly once, MQTT 4.3.3).
+                out.packets.push(Packet::PubRec(PubResp::success(id)));
+                return Ok(());
+            }
+            if self.qos2_in.len() >= usize::from(self.limits.max_inflight_messages.max(1)) {
+                return Err(Close::error(ReasonCode::ReceiveMaximumExceeded));
+            }
+            self.qos2_in.insert(id);
+        }
+        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+            if let Some((id, qos)) = ack {
+                let resp = PubResp {
+                    packet_id: id,
+                    reason: self.v5_reason(ReasonCode::PayloadFormatInvalid),
+                    properties: Properties::default(),
+                };
+                if qos == QoS::ExactlyOnce {
+                    self.qos2_in.remove(&id);
+                }
+                out.packets.push(match qos {
+                    QoS::ExactlyOnce => Packet::PubRec(resp),
+                    _ => Packet::PubAck(resp),
+                });
+            }
+            return Ok(());
+        }
+        let expires_at = p
+            .properties
+            .message_expiry_interval
+            .map(|s| now + Duration::from_secs(u64::from(s)));
+        let message = Arc::new(Publication {
+            topic: p.topic,
+            properties: Publication::forwarded_properties(&p.properties),
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            expires_at,
+            publisher: Some(self.client_id.clone()),
+        });
+        out.events.push(Event::Publish { message, ack });
+        Ok(())
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe, out: &mut Outbox) -> Result<(), Close> {
+        let v5 = self.protocol.is_v5();
+        let id = s.properties.subscription_identifiers.first().copied();
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        let mut added = Vec::new();
+        for (text, options) in s.filters {
+            let parsed = SubscriptionFilter::parse(&text)
+                .ok()
+                .filter(|f| check_topic_limits(f.filter().as_str(), &self.limits).is_ok());
+            let Some(filter) = parsed else {
+                reasons.push(if v5 { ReasonCode::TopicFilterInvalid } else { ReasonCode::UnspecifiedError });
+                continue;
+            };
+            if filter.group().is_some() && options.no_local {
+                // MQTT 5 3.8.3.1: No Local on a shared subscription is a Protocol Error.
+                return Err(Close::error(ReasonCode::ProtocolError));
+            }
+            let existed = self.subscriptions.contains_key(&text);
+            if !existed && self.subscriptions.len() >= self.limits.max_subscriptions_per_session {
+                reasons.push(if v5 { ReasonCode::QuotaExceeded } else { ReasonCode::UnspecifiedError });
+                continue;
+            }
+            let subscription = Subscription { filter, options, id };
+            self.subscriptions.insert(text, subscription.clone());
+            reasons.push(ReasonCode::granted(options.qos));
+            added.push(Subscribed { subscription, existed });
+        }
+        let suback = SubAck { packet_id: s.packet_id, properties: Properties::default(), reasons };
+        out.events.push(Event::Subscribe { added, suback });
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe, out: &mut Outbox) {
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        let mut removed = Vec::new();
+        for text in &u.filters {
+            match self.subscriptions.remove(text.as_str()) {
+                Some(s) => {
+                    reasons.push(ReasonCode::Success);
+                    removed.push(s.filter);
+                }
+                None => reasons.push(ReasonCode::NoSubscriptionExisted),
+            }
+        }
+        let reasons = if self.protocol.is_v5() { reasons } else { Vec::new() };
+        out.packets.push(Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+        if !removed.is_empty() {
+            out.events.push(Event::Unsubscribe { removed });
+        }
+    }
+
+    fn on_disconnect(&mut self, d: Disconnect) -> Close {
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            if self.session_expiry_secs == 0 && expiry != 0 {
+                // MQTT 5 3.14.2.2.2: cannot turn a non-persistent session persistent on the way out.
+                return Close::error(ReasonCode::ProtocolError);
+            }
+            self.session_expiry_secs = expiry.min(self.limits.max_session_expiry_secs);
+        }
+        Close {
+            reason: d.reason,
+            send_disconnect: false,
+            discard_will: d.reason != ReasonCode::DisconnectWithWillMessage,
+        }
+    }
+
+    /// Remove every subscription (the session is being discarded); returns them for the tables.
+    pub fn take_subscriptions(&mut self) -> Vec<SubscriptionFilter> {
+        self.subscriptions.drain().map(|(_, s)| s.filter).collect()
+    }
+
+    /// 3.1.1 has no reason codes on these packets: they always read as success there.
+    fn v5_reason(&self, reason: ReasonCode) -> ReasonCode {
+        if self.protocol.is_v5() {
+            reason
+        } else {
+            ReasonCode::Success
+        }
+    }
+}
+
+/// The PUBLISH a subscriber receives for `d`.
+pub fn publish_packet(d: &Delivery, packet_id: Option<PacketId>, now: Instant) -> Publish {
+    let m = &d.message;
+    let mut properties = m.properties.clone();
+    properties.message_expiry_interval = m.remaining_expiry_secs(now);
+    properties.subscription_identifiers = d.subscription_ids.clone();
+    Publish {
+        dup: false,
+        qos: d.qos,
+        retain: d.retain,
+        topic: m.topic.clone(),
+        packet_id,
+        properties,
+        payload: m.payload.clone(),
+    }
+}
+
+fn will_message(will: &Will, client_id: &Arc<str>, now: Instant) -> Message {
+    Arc::new(Publication {
+        topic: will.topic.clone(),
+        payload: will.payload.clone(),
+        qos: will.qos,
+        retain: will.retain,
+        properties: Publication::forwarded_properties(&will.properties),
+        expires_at: will
+            .properties
+            .message_expiry_interval
+            .map(|s| now + Duration::from_secs(u64::from(s))),
+        publisher: Some(client_id.clone()),
+    })
+}
