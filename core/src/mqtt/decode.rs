@@ -57,7 +57,8 @@ impl Decoder {
     /// Take one complete packet off the front of `buf`. `Ok(None)`: need more bytes. The size
     /// limit is checked from the fixed header, before the body is buffered.
     ///
-    /// After an error the connection is to be closed; the buffer is left as it was.
+    /// An error ends the stream (the packet boundaries can no longer be trusted): the caller
+    /// closes the connection with [`DecodeError::reason`].
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Packet>, DecodeError> {
         // Known from the first byte: no need to wait for the rest.
         if let (None, Some(&first)) = (self.version, buf.first()) {
@@ -75,8 +76,9 @@ impl Decoder {
             });
         }
         if buf.len() < header.total_len {
-            // Bounded by the size check above.
-            buf.reserve(header.total_len - buf.len());
+            // No `reserve` for the announced size: a peer would then make us allocate up to the
+            // limit per connection for the price of a 5-byte header. The buffer grows only with
+            // bytes that actually arrive.
             return Ok(None);
         }
         let frame = buf.split_to(header.total_len).freeze();

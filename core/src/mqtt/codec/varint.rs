@@ -38,3 +38,34 @@ pub fn varint_len(v: u32) -> usize {
         _ => 4,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::writer::{Counter, Sink};
+    use super::*;
+
+    #[test]
+    fn mqtt_1_5_5_boundaries_round_trip_with_minimal_length() {
+        for (v, len) in [
+            (0, 1),
+            (127, 1),
+            (128, 2),
+            (16_383, 2),
+            (16_384, 3),
+            (2_097_151, 3),
+            (2_097_152, 4),
+            (MAX_VARINT, 4),
+        ] {
+            let mut out = bytes::BytesMut::new();
+            out.put_varint(v);
+            let mut c = Counter::default();
+            c.put_varint(v);
+            assert_eq!((out.len(), c.0, varint_len(v)), (len, len, len), "{v}");
+            assert_eq!(parse_varint(&out), Ok(Some((v, len))));
+            // Every proper prefix asks for more bytes.
+            for cut in 0..len {
+                assert_eq!(parse_varint(&out[..cut]), Ok(None));
+            }
+        }
+    }
+}
