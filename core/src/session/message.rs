@@ -7,7 +7,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::mqtt::{Properties, QoS};
-use crate::topic::TopicName;
+use crate::topic::{TopicFilter, TopicName};
 
 /// An application message as published, after topic alias resolution. Immutable once built.
 #[derive(Debug, PartialEq)]
@@ -69,4 +69,7 @@ pub struct Delivery {
     pub retain: bool,
     /// Identifiers of every matching subscription that had one.
     pub subscription_ids: Vec<u32>,
+    /// Set when the message reached this session through a shared subscription (group, filter):
+    /// if the session goes away unacknowledged, another member of the group gets it.
+    pub shared: Option<(Arc<str>, TopicFilter)>,
 }

@@ -384,17 +384,27 @@ impl Session {
         DeliverOutcome::Queued
     }
 
-    /// Take every unacknowledged and queued QoS 1/2 message (for handing to another member of a
-    /// shared subscription group when this session goes away).
-    pub fn drain_undelivered(&mut self) -> Vec<Delivery> {
-        let mut v: Vec<Delivery> = self
-            .inflight_out
-            .drain(..)
-            .filter(|f| f.state != OutState::AwaitComp)
-            .map(|f| f.delivery)
-            .collect();
-        v.extend(self.queue.drain(..));
-        v
+    /// Take the unacknowledged and queued QoS 1/2 messages that came through a shared
+    /// subscription, so another member of the group can have them (the session is leaving).
+    /// A QoS 2 message whose PUBREC already arrived stays: the receiver has it.
+    pub fn take_shared_undelivered(&mut self) -> Vec<Delivery> {
+        let mut taken = Vec::new();
+        self.inflight_out.retain(|f| {
+            let move_it = f.delivery.shared.is_some() && f.state != OutState::AwaitComp;
+            if move_it {
+                taken.push(f.delivery.clone());
+            }
+            !move_it
+        });
+        self.queue.retain(|d| {
+            if d.shared.is_some() {
+                taken.push(d.clone());
+                false
+            } else {
+                true
+            }
+        });
+        taken
     }
 
     fn window_open(&self) -> bool {

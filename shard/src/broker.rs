@@ -1,0 +1,756 @@
+//! One shard's broker: its sessions, its subscriber table, its replica of the route table, the
+//! retained messages it owns, and the requests it is waiting on.
+//!
+//! Lives on one shard (`!Send`); every method runs on that shard's executor. Other shards reach
+//! it only through [`ShardMsg`]s, which the mesh drain tasks feed to [`Broker::on_shard_msgs`].
+//!
+//! *Architecture invariant:* no `RefCell` borrow is held across an `.await`, and no borrow of
+//! `state` is held while calling code that may borrow it again (delivery, routing).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use flux_core::mqtt::{Packet, QoS, ReasonCode, RetainHandling, SubAck};
+use flux_core::session::{
+    DeliverOutcome, Delivery, DropReason, Message, Negotiated, Outbox, Session, Subscribed,
+};
+use flux_core::topic::{SubscriptionFilter, SubscriptionTrie, TopicFilter, TopicName};
+use flux_core::{Limits, ShardId};
+
+use crate::handover::SocketHandover;
+use crate::mesh::Mesh;
+use crate::msg::{RouteKey, ShardMsg};
+use crate::outbound::Outbound;
+use crate::routes::RouteTable;
+use crate::signal::{Gather, GatherState};
+
+/// Identifies one session incarnation on this shard (never reused).
+pub type SessKey = u64;
+
+/// A session and, while a client is attached, its connection.
+pub struct SessionEntry {
+    pub session: Session,
+    pub conn: Option<Rc<Outbound>>,
+    /// Which connection is attached: a reader that ends after a takeover must not detach the
+    /// connection that replaced it.
+    pub conn_id: u64,
+}
+
+/// Counters for logs and metrics.
+#[derive(Default)]
+pub struct BrokerStats {
+    pub published: Cell<u64>,
+    pub delivered: Cell<u64>,
+    pub dropped_queue_full: Cell<u64>,
+    pub dropped_slow_consumer: Cell<u64>,
+    pub dropped_shared_no_member: Cell<u64>,
+}
+
+struct RouteRef {
+    members: u32,
+    ready: Gather,
+}
+
+#[derive(Default)]
+struct State {
+    by_client_id: HashMap<Arc<str>, SessKey>,
+    entries: HashMap<SessKey, Rc<RefCell<SessionEntry>>>,
+    next_key: SessKey,
+    next_conn_id: u64,
+    local: SubscriptionTrie<SessKey>,
+    shared_local: HashMap<(Arc<str>, TopicFilter), SharedMembers>,
+    routes: RouteTable,
+    route_refs: HashMap<RouteKey, RouteRef>,
+    retained: HashMap<TopicName, Message>,
+    pending: HashMap<u64, Gather>,
+    next_req: u64,
+    /// (when, session): a will may be due or the session may expire then.
+    deadlines: BTreeSet<(Instant, SessKey)>,
+}
+
+#[derive(Default)]
+struct SharedMembers {
+    members: Vec<SessKey>,
+    cursor: usize,
+}
+
+pub struct Broker {
+    me: ShardId,
+    shard_count: u16,
+    limits: Limits,
+    mesh: Mesh<ShardMsg>,
+    connections: Arc<AtomicUsize>,
+    on_handover: Box<dyn Fn(SocketHandover)>,
+    state: RefCell<State>,
+    pub stats: BrokerStats,
+}
+
+/// A slot under `max_connections`; released on drop.
+pub struct ConnectionPermit {
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for ConnectionPermit {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The result of opening a session for a new connection.
+pub struct Opened {
+    pub key: SessKey,
+    pub conn_id: u64,
+    pub session_present: bool,
+}
+
+impl Broker {
+    pub fn new(
+        mesh: Mesh<ShardMsg>,
+        limits: Limits,
+        connections: Arc<AtomicUsize>,
+        on_handover: Box<dyn Fn(SocketHandover)>,
+    ) -> Broker {
+        Broker {
+            me: mesh.me(),
+            shard_count: mesh.shard_count(),
+            limits,
+            mesh,
+            connections,
+            on_handover,
+            state: RefCell::new(State::default()),
+            stats: BrokerStats::default(),
+        }
+    }
+
+    pub fn me(&self) -> ShardId {
+        self.me
+    }
+    pub fn shard_count(&self) -> u16 {
+        self.shard_count
+    }
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+    pub fn mesh(&self) -> &Mesh<ShardMsg> {
+        &self.mesh
+    }
+
+    /// Take a connection slot, or `None` when `max_connections` are open (across all shards).
+    pub fn try_acquire_connection(&self) -> Option<ConnectionPermit> {
+        let prev = self.connections.fetch_add(1, Ordering::Relaxed);
+        let permit = ConnectionPermit { count: self.connections.clone() };
+        (prev < self.limits.max_connections).then_some(permit)
+    }
+
+    /// A client id the server assigns (MQTT 5 empty client id) that hashes to this shard, so the
+    /// connection needs no handover.
+    pub fn assign_client_id(&self) -> String {
+        let mut st = self.state.borrow_mut();
+        loop {
+            st.next_req += 1;
+            let id = format!("flux-{}-{:x}", self.me.0, st.next_req.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            if flux_core::shard_for(id.as_bytes(), self.shard_count) == self.me {
+                return id;
+            }
+        }
+    }
+
+    /// Attach a connection to its session (taking over a connected one, discarding it on clean
+    /// start, or resuming it). Sends CONNACK and any retransmissions through `conn`.
+    pub fn open_session(&self, negotiated: &Negotiated, conn: Rc<Outbound>, now: Instant) -> Opened {
+        let client_id: Arc<str> = Arc::from(negotiated.client_id.as_str());
+        let mut wills = Vec::new();
+        let mut handoff = Vec::new();
+        let mut discarded: Option<(SessKey, Vec<SubscriptionFilter>)> = None;
+        let mut out = Outbox::default();
+        let existing = {
+            let st = self.state.borrow();
+            st.by_client_id.get(&client_id).and_then(|k| st.entries.get(k).map(|e| (*k, e.clone())))
+        };
+        let conn_id = {
+            let mut st = self.state.borrow_mut();
+            st.next_conn_id += 1;
+            st.next_conn_id
+        };
+        let mut resumed = None;
+        if let Some((key, entry)) = existing {
+            let mut e = entry.borrow_mut();
+            if let Some(old) = e.conn.take() {
+                tracing::info!(client_id = %client_id, "session taken over by a new connection");
+                old.close(Some(ReasonCode::SessionTakenOver));
+                let (will, _) = e.session.detach(now, true);
+                wills.extend(will);
+                handoff = e.session.take_shared_undelivered();
+            }
+            if negotiated.clean_start {
+                wills.extend(e.session.take_pending_will());
+                discarded = Some((key, e.session.take_subscriptions()));
+            } else {
+                e.session.attach(negotiated, now, &mut out);
+                e.conn = Some(conn.clone());
+                e.conn_id = conn_id;
+                resumed = Some(key);
+            }
+        }
+        if let Some((key, subs)) = discarded {
+            self.remove_subscriptions(key, &subs);
+            let mut st = self.state.borrow_mut();
+            st.entries.remove(&key);
+            st.by_client_id.remove(&client_id);
+        }
+        let (key, session_present) = match resumed {
+            Some(key) => (key, true),
+            None => {
+                let mut session = Session::new(negotiated, &self.limits);
+                session.attach(negotiated, now, &mut out);
+                let mut st = self.state.borrow_mut();
+                st.next_key += 1;
+                let key = st.next_key;
+                let entry = SessionEntry { session, conn: Some(conn.clone()), conn_id };
+                st.entries.insert(key, Rc::new(RefCell::new(entry)));
+                st.by_client_id.insert(client_id, key);
+                (key, false)
+            }
+        };
+        let connack = negotiated.connack(session_present, &self.limits);
+        conn.send([&Packet::ConnAck(connack)]);
+        conn.send(&out.packets);
+        for will in wills {
+            self.publish(will, now);
+        }
+        for d in handoff {
+            self.redispatch_shared(d, Some(key), now);
+        }
+        Opened { key, conn_id, session_present }
+    }
+
+    /// Run one packet from the client through its session; packets go straight out, events are
+    /// returned for the caller (which may need to await for subscribes).
+    pub fn handle_packet(
+        &self,
+        key: SessKey,
+        packet: Packet,
+        now: Instant,
+    ) -> Result<Vec<flux_core::session::Event>, flux_core::session::Close> {
+        let Some(entry) = self.entry(key) else { return Ok(Vec::new()) };
+        let mut out = Outbox::default();
+        let mut e = entry.borrow_mut();
+        let result = e.session.handle(packet, now, &mut out);
+        if let Some(c) = &e.conn {
+            c.send(&out.packets);
+        }
+        result.map(|()| out.events)
+    }
+
+    /// Route a publish from a client of this shard, then acknowledge it.
+    pub fn publish_from(&self, key: SessKey, message: Message, ack: Option<(flux_core::mqtt::PacketId, QoS)>, now: Instant) {
+        let matched = self.publish(message, now);
+        if let Some((packet_id, qos)) = ack {
+            if let Some(entry) = self.entry(key) {
+                let mut out = Outbox::default();
+                let mut e = entry.borrow_mut();
+                e.session.publish_routed(packet_id, qos, matched, &mut out);
+                if let Some(c) = &e.conn {
+                    c.send(&out.packets);
+                }
+            }
+        }
+    }
+
+    /// Route `message` to every shard with a matching subscriber (one hop per shard, batched by
+    /// the mesh), to one member of each matching shared group, and to the retained store.
+    /// Returns whether anything took it.
+    pub fn publish(&self, message: Message, now: Instant) -> bool {
+        self.stats.published.set(self.stats.published.get() + 1);
+        if message.retain {
+            self.retain(message.clone());
+        }
+        let mut dest = vec![false; usize::from(self.shard_count)];
+        let mut groups = Vec::new();
+        let mut picks = Vec::new();
+        {
+            let mut st = self.state.borrow_mut();
+            st.routes.plain_destinations(&message.topic, &mut dest);
+            st.routes.shared_groups(&message.topic, &mut groups);
+            for (group, filter) in groups {
+                if let Some(shard) = st.routes.pick_shared(&group, &filter, None) {
+                    picks.push((shard, group, filter));
+                }
+            }
+        }
+        let mut matched = !picks.is_empty();
+        for (i, wanted) in dest.iter().enumerate() {
+            if !wanted {
+                continue;
+            }
+            matched = true;
+            let shard = ShardId(i as u16);
+            if shard == self.me {
+                self.deliver_local(&message, now);
+            } else {
+                self.mesh.send(shard, ShardMsg::Publish(message.clone()));
+            }
+        }
+        for (shard, group, filter) in picks {
+            if shard == self.me {
+                self.deliver_shared(message.clone(), group, filter, 0, None, now);
+            } else {
+                self.mesh.send(shard, ShardMsg::PublishShared { message: message.clone(), group, filter, hops: 0 });
+            }
+        }
+        matched
+    }
+
+    fn retain(&self, message: Message) {
+        let owner = flux_core::shard_for(message.topic.as_str().as_bytes(), self.shard_count);
+        if owner == self.me {
+            self.apply_retain(message);
+        } else {
+            self.mesh.send(owner, ShardMsg::RetainSet(message));
+        }
+    }
+
+    fn apply_retain(&self, message: Message) {
+        let mut st = self.state.borrow_mut();
+        if message.payload.is_empty() {
+            st.retained.remove(&message.topic);
+        } else {
+            st.retained.insert(message.topic.clone(), message);
+        }
+    }
+
+    /// Deliver to this shard's plain subscribers of the message's topic.
+    fn deliver_local(&self, message: &Message, now: Instant) {
+        let mut hits: Vec<(SessKey, TopicFilter)> = Vec::new();
+        self.state.borrow().local.for_each_match(&message.topic, |f, k| hits.push((*k, f.clone())));
+        hits.sort_unstable_by_key(|(k, _)| *k);
+        let mut i = 0;
+        while i < hits.len() {
+            let key = hits[i].0;
+            let end = hits[i..].iter().position(|(k, _)| *k != key).map_or(hits.len(), |p| i + p);
+            if let Some(entry) = self.entry(key) {
+                let delivery = {
+                    let e = entry.borrow();
+                    merge_delivery(&e.session, message, hits[i..end].iter().map(|(_, f)| f.as_str()))
+                };
+                if let Some(d) = delivery {
+                    self.deliver_to(&entry, d, now);
+                }
+            }
+            i = end;
+        }
+    }
+
+    /// Deliver to one local member of a shared group (round-robin, online members first); if
+    /// none is left here, send it back to another shard of the group.
+    fn deliver_shared(&self, message: Message, group: Arc<str>, filter: TopicFilter, hops: u8, exclude: Option<SessKey>, now: Instant) {
+        let candidate = {
+            let mut st = self.state.borrow_mut();
+            let State { shared_local, entries, .. } = &mut *st;
+            shared_local.get_mut(&(group.clone(), filter.clone())).and_then(|m| {
+                let n = m.members.len();
+                let mut offline = None;
+                for step in 0..n {
+                    let k = m.members[(m.cursor + step) % n];
+                    if Some(k) == exclude {
+                        continue;
+                    }
+                    let online = entries.get(&k).is_some_and(|e| e.borrow().conn.is_some());
+                    if online {
+                        m.cursor = (m.cursor + step + 1) % n;
+                        return Some(k);
+                    }
+                    offline.get_or_insert(k);
+                }
+                offline
+            })
+        };
+        let text = format!("$share/{group}/{filter}");
+        if let Some(entry) = candidate.and_then(|k| self.entry(k)) {
+            let delivery = {
+                let e = entry.borrow();
+                merge_delivery(&e.session, &message, std::iter::once(text.as_str()))
+            };
+            if let Some(mut d) = delivery {
+                d.shared = Some((group, filter));
+                self.deliver_to(&entry, d, now);
+            }
+            return;
+        }
+        let next = if usize::from(hops) < usize::from(self.shard_count) {
+            self.state.borrow_mut().routes.pick_shared(&group, &filter, Some(self.me))
+        } else {
+            None
+        };
+        match next {
+            Some(shard) => self.mesh.send(shard, ShardMsg::PublishShared { message, group, filter, hops: hops + 1 }),
+            None => {
+                self.stats.dropped_shared_no_member.set(self.stats.dropped_shared_no_member.get() + 1);
+                tracing::debug!(%group, %filter, "shared subscription group has no member left; message dropped");
+            }
+        }
+    }
+
+    fn redispatch_shared(&self, d: Delivery, exclude: Option<SessKey>, now: Instant) {
+        if let Some((group, filter)) = d.shared {
+            self.deliver_shared(d.message, group, filter, 0, exclude, now);
+        }
+    }
+
+    fn deliver_to(&self, entry: &Rc<RefCell<SessionEntry>>, delivery: Delivery, now: Instant) {
+        let mut e = entry.borrow_mut();
+        if delivery.qos == QoS::AtMostOnce {
+            if let Some(c) = &e.conn {
+                if c.buffered_bytes() > self.limits.max_outbound_buffer_bytes {
+                    self.stats.dropped_slow_consumer.set(self.stats.dropped_slow_consumer.get() + 1);
+                    return;
+                }
+            }
+        }
+        let mut out = Outbox::default();
+        match e.session.deliver(delivery, now, &mut out) {
+            DeliverOutcome::Sent | DeliverOutcome::Queued => {
+                self.stats.delivered.set(self.stats.delivered.get() + 1);
+            }
+            DeliverOutcome::Dropped(DropReason::QueueFull) => {
+                let n = self.stats.dropped_queue_full.get() + 1;
+                self.stats.dropped_queue_full.set(n);
+                let per_session = e.session.stats.dropped_queue_full;
+                if per_session.is_power_of_two() {
+                    tracing::warn!(client_id = %e.session.client_id(), dropped = per_session,
+                        limit = self.limits.max_queued_messages,
+                        "session queue full (max_queued_messages); QoS 1/2 message dropped");
+                }
+            }
+            DeliverOutcome::Dropped(_) => {}
+        }
+        if let Some(c) = &e.conn {
+            c.send(&out.packets);
+        }
+    }
+
+    /// Add a session's new subscriptions to the tables, wait until every shard's route table has
+    /// them (so nothing published after the SUBACK can miss them), send the SUBACK, then the
+    /// retained messages each subscription asks for.
+    pub async fn subscribe(&self, key: SessKey, added: Vec<Subscribed>, suback: SubAck, now: Instant) {
+        let mut waits = Vec::new();
+        for s in &added {
+            if s.existed {
+                continue;
+            }
+            waits.push(self.add_subscription(key, &s.subscription.filter));
+        }
+        for w in waits {
+            w.done().await;
+        }
+        let Some(entry) = self.entry(key) else { return };
+        let conn = entry.borrow().conn.clone();
+        if let Some(c) = &conn {
+            c.send([&Packet::SubAck(suback)]);
+        }
+        for s in added {
+            let sub = &s.subscription;
+            let wanted = match sub.options.retain_handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendIfNew => !s.existed,
+                RetainHandling::DoNotSend => false,
+            };
+            // Retained messages are not sent for shared subscriptions (MQTT 5 4.8.2).
+            if !wanted || sub.filter.group().is_some() {
+                continue;
+            }
+            let messages = self.retained_matching(sub.filter.filter()).await;
+            for m in messages {
+                if m.is_expired(now) {
+                    continue;
+                }
+                let d = Delivery {
+                    qos: m.qos.min(sub.options.qos),
+                    retain: true,
+                    subscription_ids: sub.id.into_iter().collect(),
+                    shared: None,
+                    message: m,
+                };
+                self.deliver_to(&entry, d, Instant::now());
+            }
+        }
+    }
+
+    pub fn unsubscribe(&self, key: SessKey, removed: &[SubscriptionFilter]) {
+        self.remove_subscriptions(key, removed);
+    }
+
+    fn add_subscription(&self, key: SessKey, filter: &SubscriptionFilter) -> Gather {
+        let (route_key, members) = {
+            let mut st = self.state.borrow_mut();
+            match filter {
+                SubscriptionFilter::Plain(f) => {
+                    st.local.insert(f, key);
+                    (RouteKey::Plain(f.clone()), st.local.count(f) as u32)
+                }
+                SubscriptionFilter::Shared { group, filter: f } => {
+                    let m = st.shared_local.entry((group.clone(), f.clone())).or_default();
+                    if !m.members.contains(&key) {
+                        m.members.push(key);
+                    }
+                    let n = m.members.len() as u32;
+                    (RouteKey::Shared { group: group.clone(), filter: f.clone() }, n)
+                }
+            }
+        };
+        self.update_route(route_key, members)
+    }
+
+    fn remove_subscriptions(&self, key: SessKey, filters: &[SubscriptionFilter]) {
+        for filter in filters {
+            let (route_key, members) = {
+                let mut st = self.state.borrow_mut();
+                match filter {
+                    SubscriptionFilter::Plain(f) => {
+                        st.local.remove(f, &key);
+                        (RouteKey::Plain(f.clone()), st.local.count(f) as u32)
+                    }
+                    SubscriptionFilter::Shared { group, filter: f } => {
+                        let k = (group.clone(), f.clone());
+                        let n = match st.shared_local.get_mut(&k) {
+                            Some(m) => {
+                                m.members.retain(|x| *x != key);
+                                m.members.len() as u32
+                            }
+                            None => 0,
+                        };
+                        if n == 0 {
+                            st.shared_local.remove(&k);
+                        }
+                        (RouteKey::Shared { group: group.clone(), filter: f.clone() }, n)
+                    }
+                }
+            };
+            self.update_route(route_key, members);
+        }
+    }
+
+    /// Record this shard's member count for `key` and tell the other shards when it matters:
+    /// plain filters on 0 <-> 1 transitions, shared groups on every change (the count weighs the
+    /// group's round-robin). A transition from 0 is acknowledged by every shard; the returned
+    /// gather completes then.
+    fn update_route(&self, key: RouteKey, members: u32) -> Gather {
+        let mut st = self.state.borrow_mut();
+        let previous = st.route_refs.get(&key).map_or(0, |r| r.members);
+        let shared = matches!(key, RouteKey::Shared { .. });
+        let changed = if shared { previous != members } else { (previous == 0) != (members == 0) };
+        if !changed {
+            if let Some(r) = st.route_refs.get_mut(&key) {
+                r.members = members;
+                return r.ready.clone();
+            }
+            return GatherState::new(0);
+        }
+        st.routes.set(&key, self.me, members);
+        let others = usize::from(self.shard_count) - 1;
+        let (ready, req) = if previous == 0 && others > 0 {
+            st.next_req += 1;
+            let req = st.next_req;
+            let g = GatherState::new(others);
+            st.pending.insert(req, g.clone());
+            (g, Some(req))
+        } else {
+            let g = st.route_refs.get(&key).map_or_else(|| GatherState::new(0), |r| r.ready.clone());
+            (g, None)
+        };
+        if members == 0 {
+            st.route_refs.remove(&key);
+        } else {
+            st.route_refs.insert(key.clone(), RouteRef { members, ready: ready.clone() });
+        }
+        drop(st);
+        for i in 0..self.shard_count {
+            let shard = ShardId(i);
+            if shard != self.me {
+                self.mesh.send(shard, ShardMsg::RouteUpdate { key: key.clone(), shard: self.me, members, req });
+            }
+        }
+        ready
+    }
+
+    /// Scatter-gather the retained messages matching `filter` from every shard.
+    async fn retained_matching(&self, filter: &TopicFilter) -> Vec<Message> {
+        let mut local = self.local_retained(filter);
+        let others = usize::from(self.shard_count) - 1;
+        if others == 0 {
+            return local;
+        }
+        let gather = GatherState::new(others);
+        let req = {
+            let mut st = self.state.borrow_mut();
+            st.next_req += 1;
+            let req = st.next_req;
+            st.pending.insert(req, gather.clone());
+            req
+        };
+        for i in 0..self.shard_count {
+            let shard = ShardId(i);
+            if shard != self.me {
+                self.mesh.send(shard, ShardMsg::RetainQuery { filter: filter.clone(), reply_to: self.me, req });
+            }
+        }
+        gather.done().await;
+        local.extend(gather.take_messages());
+        local
+    }
+
+    fn local_retained(&self, filter: &TopicFilter) -> Vec<Message> {
+        // A scan of this shard's retained store: fine for thousands of retained topics; a
+        // retained-topic trie is the next step when stores grow large.
+        let st = self.state.borrow();
+        st.retained.iter().filter(|(t, _)| filter.matches(t)).map(|(_, m)| m.clone()).collect()
+    }
+
+    /// The connection of session `key` ended. `publish_will`: abnormal close or DISCONNECT 0x04.
+    pub fn connection_closed(&self, key: SessKey, conn_id: u64, publish_will: bool, now: Instant) {
+        let Some(entry) = self.entry(key) else { return };
+        let (will, ended, handoff, subs, deadlines, client_id) = {
+            let mut e = entry.borrow_mut();
+            if e.conn_id != conn_id || e.conn.is_none() {
+                return;
+            }
+            e.conn = None;
+            let (will, ended) = e.session.detach(now, publish_will);
+            let handoff = e.session.take_shared_undelivered();
+            let subs = if ended { e.session.take_subscriptions() } else { Vec::new() };
+            let deadlines: Vec<Instant> =
+                e.session.expires_at().into_iter().chain(e.session.pending_will().map(|w| w.publish_at)).collect();
+            (will, ended, handoff, subs, deadlines, e.session.client_id().clone())
+        };
+        if ended {
+            self.remove_subscriptions(key, &subs);
+            let mut st = self.state.borrow_mut();
+            st.entries.remove(&key);
+            st.by_client_id.remove(&client_id);
+        } else {
+            let mut st = self.state.borrow_mut();
+            for d in deadlines {
+                st.deadlines.insert((d, key));
+            }
+        }
+        if let Some(w) = will {
+            self.publish(w, now);
+        }
+        for d in handoff {
+            self.redispatch_shared(d, Some(key), now);
+        }
+    }
+
+    /// Publish delayed wills that are due and end expired sessions. Called about once a second.
+    pub fn housekeeping(&self, now: Instant) {
+        loop {
+            let due = {
+                let mut st = self.state.borrow_mut();
+                match st.deadlines.first() {
+                    Some(&(at, key)) if at <= now => {
+                        st.deadlines.pop_first();
+                        key
+                    }
+                    _ => break,
+                }
+            };
+            let Some(entry) = self.entry(due) else { continue };
+            let (will, expired) = {
+                let mut e = entry.borrow_mut();
+                let will = e.session.take_due_will(now);
+                (will, e.session.is_expired(now))
+            };
+            if let Some(w) = will {
+                self.publish(w, now);
+            }
+            if expired {
+                let (subs, client_id) = {
+                    let mut e = entry.borrow_mut();
+                    (e.session.take_subscriptions(), e.session.client_id().clone())
+                };
+                self.remove_subscriptions(due, &subs);
+                let mut st = self.state.borrow_mut();
+                st.entries.remove(&due);
+                st.by_client_id.remove(&client_id);
+                tracing::debug!(client_id = %client_id, "session expired");
+            }
+        }
+    }
+
+    /// Tell every connected client the server is going away (MQTT 5: DISCONNECT 0x8B).
+    pub fn shutdown(&self) {
+        let conns: Vec<Rc<Outbound>> =
+            self.state.borrow().entries.values().filter_map(|e| e.borrow().conn.clone()).collect();
+        for c in conns {
+            c.close(Some(ReasonCode::ServerShuttingDown));
+        }
+    }
+
+    pub fn connected_sessions(&self) -> usize {
+        self.state.borrow().entries.values().filter(|e| e.borrow().conn.is_some()).count()
+    }
+
+    /// Everything other shards sent us, in order per sender.
+    pub fn on_shard_msgs(&self, from: ShardId, batch: Vec<ShardMsg>) {
+        let now = Instant::now();
+        for msg in batch {
+            match msg {
+                ShardMsg::Publish(m) => self.deliver_local(&m, now),
+                ShardMsg::PublishShared { message, group, filter, hops } => {
+                    self.deliver_shared(message, group, filter, hops, None, now)
+                }
+                ShardMsg::RouteUpdate { key, shard, members, req } => {
+                    self.state.borrow_mut().routes.set(&key, shard, members);
+                    if let Some(req) = req {
+                        self.mesh.send(from, ShardMsg::Ack { req });
+                    }
+                }
+                ShardMsg::Ack { req } => self.reply(req, Vec::new()),
+                ShardMsg::RetainSet(m) => self.apply_retain(m),
+                ShardMsg::RetainQuery { filter, reply_to, req } => {
+                    let messages = self.local_retained(&filter);
+                    self.mesh.send(reply_to, ShardMsg::RetainReply { req, messages });
+                }
+                ShardMsg::RetainReply { req, messages } => self.reply(req, messages),
+                ShardMsg::Handover(h) => (self.on_handover)(h),
+            }
+        }
+    }
+
+    fn reply(&self, req: u64, messages: Vec<Message>) {
+        let gather = self.state.borrow().pending.get(&req).cloned();
+        if let Some(g) = gather {
+            if g.reply(messages) {
+                self.state.borrow_mut().pending.remove(&req);
+            }
+        }
+    }
+
+    fn entry(&self, key: SessKey) -> Option<Rc<RefCell<SessionEntry>>> {
+        self.state.borrow().entries.get(&key).cloned()
+    }
+}
+
+/// The delivery of `message` to `session` over its matching subscriptions (by filter text):
+/// the highest granted QoS, retain-as-published if any says so, every subscription identifier;
+/// `None` when No Local excludes it.
+fn merge_delivery<'a>(session: &Session, message: &Message, filters: impl Iterator<Item = &'a str>) -> Option<Delivery> {
+    let mut qos = None::<QoS>;
+    let mut retain = false;
+    let mut ids = Vec::new();
+    for text in filters {
+        let Some(sub) = session.subscription(text) else { continue };
+        if sub.options.no_local && message.publisher.as_deref() == Some(&**session.client_id()) {
+            continue;
+        }
+        let q = message.qos.min(sub.options.qos);
+        qos = Some(qos.map_or(q, |p| p.max(q)));
+        retain |= sub.options.retain_as_published && message.retain;
+        ids.extend(sub.id);
+    }
+    qos.map(|qos| Delivery { message: message.clone(), qos, retain, subscription_ids: ids, shared: None })
+}

@@ -1,0 +1,46 @@
+//! What shards say to each other over the ring mesh. Every message is owned and `Send`;
+//! payloads travel as refcounted [`Message`]s, never copied.
+
+use std::sync::Arc;
+
+use flux_core::session::Message;
+use flux_core::topic::TopicFilter;
+use flux_core::ShardId;
+
+use crate::handover::SocketHandover;
+
+/// A key of the replicated route table.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RouteKey {
+    Plain(TopicFilter),
+    Shared { group: Arc<str>, filter: TopicFilter },
+}
+
+impl RouteKey {
+    pub fn filter(&self) -> &TopicFilter {
+        match self {
+            RouteKey::Plain(f) | RouteKey::Shared { filter: f, .. } => f,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub enum ShardMsg {
+    /// Deliver to this shard's local (non-shared) subscribers of the topic.
+    Publish(Message),
+    /// Deliver to one local member of the shared group; `hops` bounds re-routing when the
+    /// members vanished meanwhile.
+    PublishShared { message: Message, group: Arc<str>, filter: TopicFilter, hops: u8 },
+    /// Shard `shard` now has `members` local subscribers for `key` (0 = none). Absolute, so
+    /// applying it twice is harmless. `req`: acknowledge with `Ack` to the sender.
+    RouteUpdate { key: RouteKey, shard: ShardId, members: u32, req: Option<u64> },
+    Ack { req: u64 },
+    /// Set (or, with an empty payload, clear) the retained message of its topic; sent to the
+    /// topic's owner shard.
+    RetainSet(Message),
+    /// Send back every retained message this shard owns that matches `filter`.
+    RetainQuery { filter: TopicFilter, reply_to: ShardId, req: u64 },
+    RetainReply { req: u64, messages: Vec<Message> },
+    /// A client connection whose session lives on the receiving shard.
+    Handover(SocketHandover),
+}

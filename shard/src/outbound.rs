@@ -1,0 +1,95 @@
+//! The outbound side of one live client connection, shared between its writer task and anything
+//! on the shard that sends to it (deliveries from drain tasks, takeover, shutdown).
+//!
+//! Lives on the connection's home shard only (it is `!Send`).
+
+use std::cell::{Cell, RefCell};
+use std::os::fd::RawFd;
+
+use bytes::BytesMut;
+use flux_core::mqtt::{encode_packet, Disconnect, Packet, ProtocolVersion, ReasonCode};
+
+use crate::signal::Signal;
+
+pub struct Outbound {
+    version: ProtocolVersion,
+    buf: RefCell<BytesMut>,
+    wake: Signal,
+    closing: Cell<bool>,
+    fd: RawFd,
+}
+
+impl Outbound {
+    pub fn new(version: ProtocolVersion, fd: RawFd) -> Outbound {
+        Outbound {
+            version,
+            buf: RefCell::new(BytesMut::new()),
+            wake: Signal::default(),
+            closing: Cell::new(false),
+            fd,
+        }
+    }
+
+    pub fn version(&self) -> ProtocolVersion {
+        self.version
+    }
+
+    /// Encode `packets` for this peer and wake the writer. Ignored once closing.
+    pub fn send<'a>(&self, packets: impl IntoIterator<Item = &'a Packet>) {
+        if self.closing.get() {
+            return;
+        }
+        let mut buf = self.buf.borrow_mut();
+        let before = buf.len();
+        for p in packets {
+            encode_packet(p, self.version, &mut buf);
+        }
+        if buf.len() != before {
+            drop(buf);
+            self.wake.notify();
+        }
+    }
+
+    /// Bytes encoded but not yet written to the socket.
+    pub fn buffered_bytes(&self) -> usize {
+        self.buf.borrow().len()
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.get()
+    }
+
+    /// Close from the server side: a DISCONNECT with `reason` for MQTT 5 peers (when given),
+    /// then the writer flushes what is buffered and shuts the socket down (which also ends the
+    /// reader).
+    pub fn close(&self, reason: Option<ReasonCode>) {
+        if self.closing.get() {
+            return;
+        }
+        if let Some(reason) = reason.filter(|_| self.version.is_v5()) {
+            self.send([&Packet::Disconnect(Disconnect::new(reason))]);
+        }
+        self.closing.set(true);
+        self.wake.notify();
+    }
+
+    /// For the writer task: wait until there is something to write or the connection closes.
+    pub async fn wait(&self) {
+        self.wake.wait().await
+    }
+
+    /// For the writer task: everything buffered so far (the buffer's allocation is reused when
+    /// the writer hands it back with `recycle`).
+    pub fn take(&self) -> BytesMut {
+        self.buf.borrow_mut().split()
+    }
+
+    /// Shut the socket down in both directions: the reader's pending read returns.
+    pub fn shutdown_socket(&self) {
+        // SAFETY: `fd` belongs to the connection's stream, which outlives this handle's use by
+        // the writer task; shutdown(2) does not close or invalidate the descriptor.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_RDWR);
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! Two tiny single-shard synchronization primitives (no locks, no atomics): a [`Signal`] that
+//! wakes one waiting task, and a [`Gather`] that completes when a number of replies arrived.
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use flux_core::session::Message;
+
+/// Wakes one waiting task; a notify with nobody waiting is remembered until the next wait.
+#[derive(Default)]
+pub struct Signal {
+    set: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Signal {
+    pub fn notify(&self) {
+        self.set.set(true);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    pub fn wait(&self) -> SignalWait<'_> {
+        SignalWait { signal: self }
+    }
+}
+
+pub struct SignalWait<'a> {
+    signal: &'a Signal,
+}
+
+impl Future for SignalWait<'_> {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.signal.set.replace(false) {
+            return Poll::Ready(());
+        }
+        *self.signal.waker.borrow_mut() = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Replies expected from other shards (route acks, retained messages). Shared by the waiter(s)
+/// and the broker's table of pending requests.
+#[derive(Default)]
+pub struct GatherState {
+    remaining: Cell<usize>,
+    messages: RefCell<Vec<Message>>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+pub type Gather = Rc<GatherState>;
+
+impl GatherState {
+    pub fn new(expected: usize) -> Gather {
+        Rc::new(GatherState { remaining: Cell::new(expected), ..GatherState::default() })
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.remaining.get() == 0
+    }
+
+    /// One reply arrived (with its messages, if any). Returns true when that was the last.
+    pub fn reply(&self, messages: Vec<Message>) -> bool {
+        self.messages.borrow_mut().extend(messages);
+        let left = self.remaining.get().saturating_sub(1);
+        self.remaining.set(left);
+        if left == 0 {
+            for w in self.wakers.borrow_mut().drain(..) {
+                w.wake();
+            }
+        }
+        left == 0
+    }
+
+    pub fn take_messages(&self) -> Vec<Message> {
+        std::mem::take(&mut *self.messages.borrow_mut())
+    }
+
+    /// Completes once every reply is in.
+    pub fn done(self: &Rc<Self>) -> GatherWait {
+        GatherWait { state: self.clone() }
+    }
+}
+
+pub struct GatherWait {
+    state: Gather,
+}
+
+impl Future for GatherWait {
+    type Output = ();
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.state.is_done() {
+            return Poll::Ready(());
+        }
+        self.state.wakers.borrow_mut().push(cx.waker().clone());
+        Poll::Pending
+    }
+}
