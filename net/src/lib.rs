@@ -4,7 +4,21 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use flux_core::Limits;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flux_core::{Limits, ShardId};
+use flux_shard::broker::Broker;
+use flux_shard::executor::{run_shards_with, ExecutorSpec, Pinning};
+use flux_shard::handover::SocketHandover;
+use flux_shard::mesh::{build_mesh, MeshEndpoints};
+use flux_shard::msg::ShardMsg;
+use glommio::net::TcpListener;
+
+pub mod conn;
 
 /// Everything the broker runtime needs to start. The CLI builds it from flags and `fluxd.toml`.
 #[derive(Clone, Debug)]
@@ -36,6 +50,144 @@ pub enum StartError {
 /// Run the broker until `shutdown` becomes true, then disconnect clients (MQTT 5: DISCONNECT 0x8B
 /// Server shutting down) and return. Blocks the calling thread.
 pub fn run(config: BrokerConfig, shutdown: Arc<AtomicBool>) -> Result<(), StartError> {
-    let _ = (config, shutdown);
-    todo!("runtime in progress")
+    let shards = config.shards.max(1);
+    let endpoints = build_mesh::<ShardMsg>(shards, config.limits.ring_capacity.max(1));
+    let shared = Arc::new(Shared {
+        config,
+        shutdown,
+        connections: Arc::new(AtomicUsize::new(0)),
+        bound: Mutex::new(None),
+        bound_cv: Condvar::new(),
+        error: Mutex::new(None),
+    });
+    let spec = ExecutorSpec { shards, io_memory_bytes: shared.config.io_memory_bytes };
+    let s = shared.clone();
+    let outcome = run_shards_with(spec, Pinning::PerCpu, endpoints, move |id, ep| shard_main(id, ep, s.clone()));
+    if let Some(e) = lock(&shared.error).take() {
+        return Err(e);
+    }
+    outcome.map_err(|e| StartError::Executor(e.to_string()))
+}
+
+/// Start-up state shared by the shard threads (not the data path: touched once per shard).
+struct Shared {
+    config: BrokerConfig,
+    shutdown: Arc<AtomicBool>,
+    connections: Arc<AtomicUsize>,
+    /// The address shard 0 bound (its real port when asked for port 0), or why it could not.
+    bound: Mutex<Option<Result<SocketAddr, String>>>,
+    bound_cv: Condvar,
+    error: Mutex<Option<StartError>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Shard 0 binds first (resolving port 0); the others then bind the same address, and the
+/// kernel spreads accepts over them (SO_REUSEPORT).
+fn bind_listener(me: ShardId, shared: &Shared) -> Option<TcpListener> {
+    let want = shared.config.mqtt_listen;
+    if me.0 == 0 {
+        let result = TcpListener::bind(want).map_err(|e| std::io::Error::other(e.to_string()));
+        let report = match &result {
+            Ok(l) => l.local_addr().map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        *lock(&shared.bound) = Some(report);
+        shared.bound_cv.notify_all();
+        match result {
+            Ok(l) => Some(l),
+            Err(source) => {
+                *lock(&shared.error) = Some(StartError::Bind { addr: want, source });
+                None
+            }
+        }
+    } else {
+        let mut bound = lock(&shared.bound);
+        while bound.is_none() {
+            bound = shared.bound_cv.wait(bound).unwrap_or_else(|p| p.into_inner());
+        }
+        let addr = match bound.as_ref() {
+            Some(Ok(addr)) => *addr,
+            _ => return None,
+        };
+        drop(bound);
+        match TcpListener::bind(addr) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                *lock(&shared.error) =
+                    Some(StartError::Bind { addr, source: std::io::Error::other(e.to_string()) });
+                None
+            }
+        }
+    }
+}
+
+async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc<Shared>) {
+    // Bind before connecting the mesh: shard 0 never waits on anyone before binding.
+    let listener = bind_listener(me, &shared);
+    let (mesh, inbound) = endpoints.connect().await;
+    let Some(listener) = listener else {
+        shared.shutdown.store(true, Ordering::Relaxed);
+        return;
+    };
+    if me.0 == 0 {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, shards = shared.config.shards, "mqtt listener bound");
+        }
+    }
+    let broker = Rc::new_cyclic(|weak: &std::rc::Weak<Broker>| {
+        let weak = weak.clone();
+        let on_handover = Box::new(move |h: SocketHandover| {
+            let Some(broker) = weak.upgrade() else { return };
+            match h.into_stream() {
+                Ok((stream, bytes)) => {
+                    glommio::spawn_local(conn::serve(broker, stream, bytes)).detach();
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot adopt handed-over socket"),
+            };
+        });
+        Broker::new(mesh.clone(), shared.config.limits.clone(), shared.connections.clone(), on_handover)
+    });
+    let b = broker.clone();
+    inbound.spawn_drains(None, move |from, batch| b.on_shard_msgs(from, batch));
+
+    let b = broker.clone();
+    let housekeeping = glommio::spawn_local(async move {
+        loop {
+            glommio::timer::sleep(Duration::from_secs(1)).await;
+            b.housekeeping(Instant::now());
+        }
+    })
+    .detach();
+
+    let b = broker.clone();
+    let accept = glommio::spawn_local(async move {
+        loop {
+            match listener.accept().await {
+                Ok(stream) => {
+                    glommio::spawn_local(conn::serve(b.clone(), stream, Bytes::new())).detach();
+                }
+                Err(e) => {
+                    // Out of fds or similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .detach();
+
+    while !shared.shutdown.load(Ordering::Relaxed) {
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+    }
+    accept.cancel();
+    housekeeping.cancel();
+    broker.shutdown();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while broker.connected_sessions() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(shard = %me, "shard stopped");
 }

@@ -1,0 +1,254 @@
+//! The driver of one client connection: reads bytes, feeds the codec and the session machine,
+//! carries out their decisions. All protocol decisions live in flux-core; this file only moves
+//! bytes and waits.
+//!
+//! Runs on the session's home shard. A connection accepted elsewhere is handed over right after
+//! its CONNECT is decoded, before any session state is touched.
+
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use flux_core::mqtt::{encode_packet, ConnAck, Connect, DecodeError, Decoder, Packet, ProtocolVersion, ReasonCode};
+use flux_core::session::{connack_refusal, negotiate, Event};
+use flux_shard::broker::{Broker, ConnectionPermit};
+use flux_shard::handover::SocketHandover;
+use flux_shard::msg::ShardMsg;
+use flux_shard::outbound::Outbound;
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+use std::os::fd::AsRawFd;
+
+/// Bytes read from the socket per read call; the receive buffer grows by this much at a time.
+const READ_CHUNK_BYTES: usize = 4096;
+
+enum Read {
+    Data,
+    Eof,
+    TimedOut,
+    Failed(std::io::Error),
+}
+
+async fn read_some<R: futures_lite::AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, timeout: Option<Duration>) -> Read {
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK_BYTES, 0);
+    let read = async {
+        match r.read(&mut buf[start..]).await {
+            Ok(0) => Read::Eof,
+            Ok(n) => {
+                buf.truncate(start + n);
+                return Read::Data;
+            }
+            Err(e) => Read::Failed(e),
+        }
+    };
+    let outcome = match timeout {
+        Some(d) => {
+            futures_lite::future::or(read, async {
+                glommio::timer::sleep(d).await;
+                Read::TimedOut
+            })
+            .await
+        }
+        None => read.await,
+    };
+    if !matches!(outcome, Read::Data) {
+        buf.truncate(start);
+    }
+    outcome
+}
+
+/// Serve a socket accepted on this shard, or handed over to it (`already_read` then holds the
+/// CONNECT and whatever followed it).
+pub async fn serve(broker: Rc<Broker>, mut stream: TcpStream, already_read: Bytes) {
+    let peer = stream.peer_addr().ok();
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(error = %e, "set_nodelay failed");
+    }
+    let limits = broker.limits().clone();
+    let mut buf = BytesMut::from(&already_read[..]);
+    let mut decoder = Decoder::new(limits.max_packet_size_bytes as usize);
+    let connect_timeout = Duration::from_secs(u64::from(limits.connect_timeout_secs));
+    let deadline = Instant::now() + connect_timeout;
+
+    // Phase 1: the CONNECT.
+    let connect: Connect = loop {
+        match decoder.decode(&mut buf) {
+            Ok(Some(Packet::Connect(c))) => break c,
+            Ok(Some(_)) => {
+                tracing::info!(?peer, "first packet is not CONNECT; closing");
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::info!(?peer, error = %e, "bad CONNECT; closing");
+                refuse_bad_connect(&mut stream, &e).await;
+                return;
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match read_some(&mut stream, &mut buf, Some(left)).await {
+            Read::Data => {}
+            Read::TimedOut => {
+                tracing::info!(?peer, timeout_secs = limits.connect_timeout_secs, "no CONNECT in time; closing");
+                return;
+            }
+            Read::Eof | Read::Failed(_) => return,
+        }
+    };
+
+    // Phase 2: find the session's home shard.
+    let home = if connect.client_id.is_empty() {
+        broker.me()
+    } else {
+        flux_core::shard_for(connect.client_id.as_bytes(), broker.shard_count())
+    };
+    if home != broker.me() {
+        // The CONNECT is re-encoded rather than kept as read: the same packet, no copy of the
+        // receive buffer kept around for the rare handover.
+        let mut bytes = BytesMut::new();
+        let version = connect.protocol;
+        encode_packet(&Packet::Connect(connect), version, &mut bytes);
+        bytes.extend_from_slice(&buf);
+        match SocketHandover::from_stream(stream, bytes.freeze()) {
+            Ok(h) => broker.mesh().send(home, ShardMsg::Handover(h)),
+            Err(e) => tracing::warn!(error = %e, "socket handover failed (dup)"),
+        }
+        return;
+    }
+
+    let version = connect.protocol;
+    let Some(permit) = broker.try_acquire_connection() else {
+        tracing::warn!(?peer, max_connections = limits.max_connections, "connection refused: max_connections reached");
+        let reason = if version.is_v5() { ReasonCode::QuotaExceeded } else { ReasonCode::ServerUnavailable };
+        write_connack(&mut stream, version, connack_refusal(reason)).await;
+        return;
+    };
+    let negotiated = match negotiate(&connect, &limits, || broker.assign_client_id()) {
+        Ok(n) => n,
+        Err(reason) => {
+            tracing::info!(?peer, client_id = %connect.client_id, ?reason, "CONNECT refused");
+            write_connack(&mut stream, version, connack_refusal(reason)).await;
+            return;
+        }
+    };
+    drop(connect);
+    run_session(broker, stream, buf, decoder, negotiated, permit).await;
+}
+
+async fn run_session(
+    broker: Rc<Broker>,
+    stream: TcpStream,
+    mut buf: BytesMut,
+    mut decoder: Decoder,
+    negotiated: flux_core::session::Negotiated,
+    _permit: ConnectionPermit,
+) {
+    let client_id = negotiated.client_id.clone();
+    let conn = Rc::new(Outbound::new(negotiated.protocol, stream.as_raw_fd()));
+    let opened = broker.open_session(&negotiated, conn.clone(), Instant::now());
+    tracing::debug!(client_id = %client_id, shard = %broker.me(), session_present = opened.session_present, "client connected");
+    let (mut reader, mut writer) = futures_lite::io::split(stream);
+
+    let writer_conn = conn.clone();
+    let writer_task = glommio::spawn_local(async move {
+        loop {
+            let data = writer_conn.take();
+            if !data.is_empty() {
+                if writer.write_all(&data).await.is_err() || writer.flush().await.is_err() {
+                    writer_conn.shutdown_socket();
+                    break;
+                }
+                continue;
+            }
+            if writer_conn.is_closing() {
+                writer_conn.shutdown_socket();
+                break;
+            }
+            writer_conn.wait().await;
+        }
+    })
+    .detach();
+
+    // MQTT 3.1.2.10: the server closes after one and a half keep alive periods of silence.
+    let keep_alive = (negotiated.keep_alive_secs > 0)
+        .then(|| Duration::from_millis(u64::from(negotiated.keep_alive_secs) * 1500));
+    let mut publish_will = true;
+    'conn: loop {
+        loop {
+            let packet = match decoder.decode(&mut buf) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::info!(client_id = %client_id, error = %e, reason = ?e.reason(), "malformed input; closing connection");
+                    conn.close(Some(e.reason()));
+                    break 'conn;
+                }
+            };
+            let now = Instant::now();
+            match broker.handle_packet(opened.key, packet, now) {
+                Ok(events) => {
+                    for event in events {
+                        match event {
+                            Event::Publish { message, ack } => broker.publish_from(opened.key, message, ack, now),
+                            Event::Subscribe { added, suback } => broker.subscribe(opened.key, added, suback, now).await,
+                            Event::Unsubscribe { removed } => broker.unsubscribe(opened.key, &removed),
+                        }
+                    }
+                }
+                Err(close) => {
+                    if close.reason.is_error() {
+                        tracing::info!(client_id = %client_id, reason = ?close.reason, "closing connection");
+                    }
+                    conn.close(close.send_disconnect.then_some(close.reason));
+                    publish_will = !close.discard_will;
+                    break 'conn;
+                }
+            }
+        }
+        if conn.is_closing() {
+            break;
+        }
+        if buf.is_empty() && buf.capacity() > 4 * READ_CHUNK_BYTES {
+            buf = BytesMut::new(); // give a burst's buffer back
+        }
+        if broker.mesh().congested() {
+            broker.mesh().wait_uncongested().await;
+        }
+        match read_some(&mut reader, &mut buf, keep_alive).await {
+            Read::Data => {}
+            Read::TimedOut => {
+                tracing::info!(client_id = %client_id, "keep alive timeout; closing connection");
+                conn.close(Some(ReasonCode::KeepAliveTimeout));
+                break;
+            }
+            Read::Eof => {
+                conn.close(None);
+                break;
+            }
+            Read::Failed(e) => {
+                tracing::debug!(client_id = %client_id, error = %e, "read failed; closing connection");
+                conn.close(None);
+                break;
+            }
+        }
+    }
+    broker.connection_closed(opened.key, opened.conn_id, publish_will, Instant::now());
+    writer_task.await;
+    tracing::debug!(client_id = %client_id, "client disconnected");
+}
+
+async fn write_connack(stream: &mut TcpStream, version: ProtocolVersion, connack: ConnAck) {
+    let mut out = BytesMut::new();
+    encode_packet(&Packet::ConnAck(connack), version, &mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.flush().await;
+}
+
+/// MQTT 3.1.2.2 / 5 3.1.2.2: an unsupported protocol level is answered with CONNACK 0x01 (3.1.1
+/// form) or 0x84 (5.0), then the connection closes. Other CONNECT errors close without a reply.
+async fn refuse_bad_connect(stream: &mut TcpStream, e: &DecodeError) {
+    if let DecodeError::UnsupportedProtocolVersion(_) = e {
+        write_connack(stream, ProtocolVersion::V311, connack_refusal(ReasonCode::UnsupportedProtocolVersion)).await;
+    }
+}
