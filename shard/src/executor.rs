@@ -315,3 +315,77 @@ fn to_rlim(v: u64) -> libc::rlim_t {
         v
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn spec(shards: u16) -> ExecutorSpec {
+        ExecutorSpec { shards, io_memory_bytes: 128 * 1024 }
+    }
+
+    #[test]
+    fn every_shard_runs_once_with_its_value() {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
+        run_shards_with(spec(3), Pinning::PerCpu, vec![1usize, 10, 100], move |id, v| {
+            let s = s.clone();
+            async move {
+                assert_eq!(v, 10usize.pow(u32::from(id.0)));
+                s.fetch_add(v, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+        assert_eq!(seen.load(Ordering::SeqCst), 111);
+    }
+
+    #[test]
+    fn a_panicking_shard_is_reported_by_id() {
+        let err = run_shards_with(spec(2), Pinning::Unbound, vec![(), ()], |id, ()| async move {
+            if id == ShardId(1) {
+                panic!("boom on purpose");
+            }
+        })
+        .unwrap_err();
+        match err {
+            ExecutorError::Panicked { shard, message } => {
+                assert_eq!(shard, ShardId(1));
+                assert!(message.contains("boom on purpose"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_specs_are_refused() {
+        assert!(matches!(run_shards(spec(0), |_| async {}), Err(ExecutorError::NoShards)));
+        assert!(matches!(
+            run_shards_with(spec(2), Pinning::Unbound, vec![()], |_, ()| async {}),
+            Err(ExecutorError::ShardValueCount { shards: 2, per_shard: 1 })
+        ));
+    }
+
+    #[test]
+    fn io_uring_is_available_here() {
+        check_io_uring().unwrap();
+    }
+
+    #[test]
+    fn memlock_covers_or_lowers_io_memory() {
+        let out = ensure_memlock(2, 1 << 20).unwrap();
+        assert!(out.io_memory_bytes >= GLOMMIO_MIN_IO_MEMORY_BYTES);
+        assert!(out.io_memory_bytes <= 1 << 20);
+        if out.io_memory_bytes == 1 << 20 {
+            assert!(out.limit_bytes >= 2 * 3 * (1 << 20));
+        }
+    }
+
+    #[test]
+    fn lowered_io_memory_fits_the_limit() {
+        let out = lowered(16 << 20, 4, 4 << 20, 8 << 20, false).unwrap();
+        assert_eq!(out.io_memory_bytes, 1 << 20);
+        assert!(4 * 3 * out.io_memory_bytes as u64 + (4 << 20) <= 16 << 20);
+    }
+}

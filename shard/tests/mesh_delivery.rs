@@ -89,11 +89,17 @@ async fn shard_main(
     }
 
     if expected_total > 0
-        && glommio::timer::timeout(DEADLINE, async { Ok(done_rx.recv().await) }).await.is_err()
+        && glommio::timer::timeout(DEADLINE, async {
+            done_rx.recv().await;
+            Ok(())
+        }).await.is_err()
     {
         errors.push(format!("{me}: received {} of {expected_total} before the deadline", received.borrow()));
     }
-    if glommio::timer::timeout(DEADLINE, async { Ok(mesh.flushed().await) }).await.is_err() {
+    if glommio::timer::timeout(DEADLINE, async {
+        mesh.flushed().await;
+        Ok(())
+    }).await.is_err() {
         errors.push(format!("{me}: outbound not flushed before the deadline"));
     }
     errors.extend(bad.borrow().iter().take(5).cloned());
