@@ -250,8 +250,10 @@ class Client:
 
     def subscribe(self, topic, qos: int = 1, options=None, properties=None) -> list[int]:
         """Subscribes and waits for the SUBACK; returns the reason codes as ints."""
-        arg = options if options is not None else qos
-        rc, mid = self.c.subscribe(topic, arg, properties=properties) if isinstance(topic, str) else self.c.subscribe(topic, properties=properties)
+        if options is not None:
+            rc, mid = self.c.subscribe(topic, options=options, properties=properties)
+        else:
+            rc, mid = self.c.subscribe(topic, qos=qos, properties=properties)
         assert rc == mqtt.MQTT_ERR_SUCCESS, f"{self.id}: subscribe failed locally: {rc}"
         return [r.value if isinstance(r, ReasonCode) else int(r) for r in self._wait_key(self.subacks, mid, "SUBACK")]
 
