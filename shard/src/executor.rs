@@ -91,7 +91,10 @@ where
         return Err(ExecutorError::NoShards);
     }
     if per_shard.len() != usize::from(spec.shards) {
-        return Err(ExecutorError::ShardValueCount { shards: spec.shards, per_shard: per_shard.len() });
+        return Err(ExecutorError::ShardValueCount {
+            shards: spec.shards,
+            per_shard: per_shard.len(),
+        });
     }
     let memlock = ensure_memlock(spec.shards, spec.io_memory_bytes)?;
     let cpus = allowed_cpus();
@@ -112,22 +115,38 @@ where
             .spawn(move || make(id, value));
         let handle = match spawned {
             Ok(h) => h,
-            Err(e) => return Err(ExecutorError::Spawn { shard: id, reason: e.to_string() }),
+            Err(e) => {
+                return Err(ExecutorError::Spawn {
+                    shard: id,
+                    reason: e.to_string(),
+                })
+            }
         };
         let done_tx = done_tx.clone();
-        let watcher = std::thread::Builder::new().name(format!("flux-shard-{i}-watch")).spawn(move || {
-            let outcome = match handle.join() {
-                Ok(()) => Ok(()),
-                Err(glommio::GlommioError::BuilderError(glommio::BuilderErrorKind::ThreadPanic(p))) => {
-                    Err(ExecutorError::Panicked { shard: id, message: panic_message(p.as_ref()) })
-                }
-                Err(e) => Err(ExecutorError::Failed { shard: id, reason: e.to_string() }),
-            };
-            // The receiver only goes away once run_shards has returned; nothing left to tell.
-            let _ = done_tx.send((id, outcome));
-        });
+        let watcher = std::thread::Builder::new()
+            .name(format!("flux-shard-{i}-watch"))
+            .spawn(move || {
+                let outcome = match handle.join() {
+                    Ok(()) => Ok(()),
+                    Err(glommio::GlommioError::BuilderError(
+                        glommio::BuilderErrorKind::ThreadPanic(p),
+                    )) => Err(ExecutorError::Panicked {
+                        shard: id,
+                        message: panic_message(p.as_ref()),
+                    }),
+                    Err(e) => Err(ExecutorError::Failed {
+                        shard: id,
+                        reason: e.to_string(),
+                    }),
+                };
+                // The receiver only goes away once run_shards has returned; nothing left to tell.
+                let _ = done_tx.send((id, outcome));
+            });
         if let Err(e) = watcher {
-            return Err(ExecutorError::Spawn { shard: id, reason: format!("watcher thread: {e}") });
+            return Err(ExecutorError::Spawn {
+                shard: id,
+                reason: format!("watcher thread: {e}"),
+            });
         }
     }
     drop(done_tx);
@@ -163,7 +182,9 @@ pub fn allowed_cpus() -> Vec<usize> {
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
             return Vec::new();
         }
-        (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &set)).collect()
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
     }
 }
 
@@ -239,7 +260,11 @@ pub fn ensure_memlock(shards: u16, io_memory_bytes: usize) -> Result<MemlockOutc
 
     let (cur, max) = get_memlock().map_err(MemlockError::Read)?;
     if cur >= required {
-        return Ok(MemlockOutcome { limit_bytes: cur, io_memory_bytes, raised: false });
+        return Ok(MemlockOutcome {
+            limit_bytes: cur,
+            io_memory_bytes,
+            raised: false,
+        });
     }
     // First try to raise both limits (needs CAP_SYS_RESOURCE), then the soft one up to the hard.
     let mut last_err = String::new();
@@ -251,7 +276,11 @@ pub fn ensure_memlock(shards: u16, io_memory_bytes: usize) -> Result<MemlockOutc
             Ok(()) => {
                 if new_cur >= required {
                     tracing::info!(from = cur, to = new_cur, "raised RLIMIT_MEMLOCK");
-                    return Ok(MemlockOutcome { limit_bytes: new_cur, io_memory_bytes, raised: true });
+                    return Ok(MemlockOutcome {
+                        limit_bytes: new_cur,
+                        io_memory_bytes,
+                        raised: true,
+                    });
                 }
                 return lowered(new_cur, shards64, margin, io_memory_bytes, true);
             }
@@ -259,7 +288,10 @@ pub fn ensure_memlock(shards: u16, io_memory_bytes: usize) -> Result<MemlockOutc
         }
     }
     if cur < GLOMMIO_MIN_MEMLOCK_BYTES {
-        return Err(MemlockError::TooLow { limit_bytes: cur, reason: last_err });
+        return Err(MemlockError::TooLow {
+            limit_bytes: cur,
+            reason: last_err,
+        });
     }
     lowered(cur, shards64, margin, io_memory_bytes, false)
 }
@@ -279,11 +311,18 @@ fn lowered(
         io_memory_bytes = fit,
         "RLIMIT_MEMLOCK cannot cover the requested io memory; lowering it per executor"
     );
-    Ok(MemlockOutcome { limit_bytes: limit, io_memory_bytes: fit.min(requested.max(GLOMMIO_MIN_IO_MEMORY_BYTES)), raised })
+    Ok(MemlockOutcome {
+        limit_bytes: limit,
+        io_memory_bytes: fit.min(requested.max(GLOMMIO_MIN_IO_MEMORY_BYTES)),
+        raised,
+    })
 }
 
 fn get_memlock() -> std::io::Result<(u64, u64)> {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit writes one rlimit struct.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut r) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -292,7 +331,10 @@ fn get_memlock() -> std::io::Result<(u64, u64)> {
 }
 
 fn set_memlock(cur: u64, max: u64) -> std::io::Result<()> {
-    let r = libc::rlimit { rlim_cur: to_rlim(cur), rlim_max: to_rlim(max) };
+    let r = libc::rlimit {
+        rlim_cur: to_rlim(cur),
+        rlim_max: to_rlim(max),
+    };
     // SAFETY: setrlimit reads one rlimit struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &r) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -323,31 +365,44 @@ mod tests {
     use std::sync::Arc;
 
     fn spec(shards: u16) -> ExecutorSpec {
-        ExecutorSpec { shards, io_memory_bytes: 128 * 1024 }
+        ExecutorSpec {
+            shards,
+            io_memory_bytes: 128 * 1024,
+        }
     }
 
     #[test]
     fn every_shard_runs_once_with_its_value() {
         let seen = Arc::new(AtomicUsize::new(0));
         let s = seen.clone();
-        run_shards_with(spec(3), Pinning::PerCpu, vec![1usize, 10, 100], move |id, v| {
-            let s = s.clone();
-            async move {
-                assert_eq!(v, 10usize.pow(u32::from(id.0)));
-                s.fetch_add(v, Ordering::SeqCst);
-            }
-        })
+        run_shards_with(
+            spec(3),
+            Pinning::PerCpu,
+            vec![1usize, 10, 100],
+            move |id, v| {
+                let s = s.clone();
+                async move {
+                    assert_eq!(v, 10usize.pow(u32::from(id.0)));
+                    s.fetch_add(v, Ordering::SeqCst);
+                }
+            },
+        )
         .unwrap();
         assert_eq!(seen.load(Ordering::SeqCst), 111);
     }
 
     #[test]
     fn a_panicking_shard_is_reported_by_id() {
-        let err = run_shards_with(spec(2), Pinning::Unbound, vec![(), ()], |id, ()| async move {
-            if id == ShardId(1) {
-                panic!("boom on purpose");
-            }
-        })
+        let err = run_shards_with(
+            spec(2),
+            Pinning::Unbound,
+            vec![(), ()],
+            |id, ()| async move {
+                if id == ShardId(1) {
+                    panic!("boom on purpose");
+                }
+            },
+        )
         .unwrap_err();
         match err {
             ExecutorError::Panicked { shard, message } => {
@@ -360,10 +415,16 @@ mod tests {
 
     #[test]
     fn bad_specs_are_refused() {
-        assert!(matches!(run_shards(spec(0), |_| async {}), Err(ExecutorError::NoShards)));
+        assert!(matches!(
+            run_shards(spec(0), |_| async {}),
+            Err(ExecutorError::NoShards)
+        ));
         assert!(matches!(
             run_shards_with(spec(2), Pinning::Unbound, vec![()], |_, ()| async {}),
-            Err(ExecutorError::ShardValueCount { shards: 2, per_shard: 1 })
+            Err(ExecutorError::ShardValueCount {
+                shards: 2,
+                per_shard: 1
+            })
         ));
     }
 

@@ -16,7 +16,7 @@
 //! TLS state is not handled here yet.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, FromRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 
 use bytes::Bytes;
 use glommio::net::TcpStream;
@@ -41,7 +41,11 @@ impl SocketHandover {
         let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) }.try_clone_to_owned()?;
         // Drop, not close(): dropping closes this fd number only, no shutdown(2).
         drop(stream);
-        Ok(SocketHandover { fd, already_read, peer_addr })
+        Ok(SocketHandover {
+            fd,
+            already_read,
+            peer_addr,
+        })
     }
 
     /// The bytes read by the previous owner and not yet processed.
@@ -56,7 +60,9 @@ impl SocketHandover {
     /// Rebuilds a glommio stream on the current shard (must run inside a glommio executor),
     /// with `TCP_NODELAY` set, and returns it with the already-read bytes.
     pub fn into_stream(self) -> std::io::Result<(TcpStream, Bytes)> {
-        let SocketHandover { fd, already_read, .. } = self;
+        let SocketHandover {
+            fd, already_read, ..
+        } = self;
         let raw = fd.into_raw_fd();
         // SAFETY: `raw` is an open TCP socket fd whose ownership we just took from the OwnedFd.
         let stream = unsafe { TcpStream::from_raw_fd(raw) };

@@ -22,26 +22,36 @@ const HEAD: &[u8] = b"HEAD";
 const TAIL: &[u8] = b"tail after the handover";
 
 fn client(port_rx: mpsc::Receiver<u16>) -> Result<Vec<u8>, String> {
-    let port = port_rx.recv_timeout(DEADLINE).map_err(|e| format!("no port: {e}"))?;
+    let port = port_rx
+        .recv_timeout(DEADLINE)
+        .map_err(|e| format!("no port: {e}"))?;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(DEADLINE)).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(DEADLINE))
+        .map_err(|e| e.to_string())?;
     s.set_nodelay(true).map_err(|e| e.to_string())?;
     s.write_all(HEAD).map_err(|e| e.to_string())?;
     // The head comes back from shard 1 only after the handover happened.
     let mut got = vec![0u8; HEAD.len()];
-    s.read_exact(&mut got).map_err(|e| format!("reading echoed head: {e}"))?;
+    s.read_exact(&mut got)
+        .map_err(|e| format!("reading echoed head: {e}"))?;
     s.write_all(TAIL).map_err(|e| e.to_string())?;
     let mut tail = vec![0u8; TAIL.len()];
-    s.read_exact(&mut tail).map_err(|e| format!("reading echoed tail: {e}"))?;
+    s.read_exact(&mut tail)
+        .map_err(|e| format!("reading echoed tail: {e}"))?;
     got.extend_from_slice(&tail);
-    s.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
     let mut rest = Vec::new();
-    s.read_to_end(&mut rest).map_err(|e| format!("waiting for close: {e}"))?;
+    s.read_to_end(&mut rest)
+        .map_err(|e| format!("waiting for close: {e}"))?;
     got.extend_from_slice(&rest);
     Ok(got)
 }
 
-async fn shard0(ep: MeshEndpoints<SocketHandover>, port_tx: mpsc::Sender<u16>) -> Result<(), String> {
+async fn shard0(
+    ep: MeshEndpoints<SocketHandover>,
+    port_tx: mpsc::Sender<u16>,
+) -> Result<(), String> {
     let (mesh, inbound) = ep.connect().await;
     inbound.spawn_drains(None, |_, _| {});
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
@@ -50,8 +60,12 @@ async fn shard0(ep: MeshEndpoints<SocketHandover>, port_tx: mpsc::Sender<u16>) -
     let mut stream = listener.accept().await.map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     let mut head = vec![0u8; HEAD.len()];
-    stream.read_exact(&mut head).await.map_err(|e| e.to_string())?;
-    let handover = SocketHandover::from_stream(stream, Bytes::from(head)).map_err(|e| e.to_string())?;
+    stream
+        .read_exact(&mut head)
+        .await
+        .map_err(|e| e.to_string())?;
+    let handover =
+        SocketHandover::from_stream(stream, Bytes::from(head)).map_err(|e| e.to_string())?;
     mesh.send(ShardId(1), handover);
     mesh.flushed().await;
     Ok(())
@@ -67,14 +81,20 @@ async fn shard1(ep: MeshEndpoints<SocketHandover>) -> Result<(), String> {
     });
     let handover = rx.recv().await.ok_or("mesh closed before the handover")?;
     let (mut stream, already_read) = handover.into_stream().map_err(|e| e.to_string())?;
-    stream.write_all(&already_read).await.map_err(|e| e.to_string())?;
+    stream
+        .write_all(&already_read)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut buf = [0u8; 256];
     loop {
         let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
         if n == 0 {
             break;
         }
-        stream.write_all(&buf[..n]).await.map_err(|e| e.to_string())?;
+        stream
+            .write_all(&buf[..n])
+            .await
+            .map_err(|e| e.to_string())?;
     }
     stream.close().await.map_err(|e| e.to_string())?;
     Ok(())
@@ -87,10 +107,15 @@ fn handed_over_socket_echoes_read_bytes_and_later_data() {
     let results: Arc<Mutex<Vec<ShardResult>>> = Arc::new(Mutex::new(vec![None, None]));
     let r = results.clone();
     // Per-shard values: each shard's endpoints, and the port reporter for shard 0 only.
-    let per_shard: Vec<_> =
-        build_mesh::<SocketHandover>(2, 16).into_iter().zip([Some(port_tx), None]).collect();
+    let per_shard: Vec<_> = build_mesh::<SocketHandover>(2, 16)
+        .into_iter()
+        .zip([Some(port_tx), None])
+        .collect();
     run_shards_with(
-        ExecutorSpec { shards: 2, io_memory_bytes: 256 * 1024 },
+        ExecutorSpec {
+            shards: 2,
+            io_memory_bytes: 256 * 1024,
+        },
         Pinning::Unbound,
         per_shard,
         move |me, (ep, port_tx)| {

@@ -35,12 +35,18 @@ enum Mode {
 
 fn flood(mode: Mode) -> Vec<Report> {
     let shards = 2;
-    let config = MeshConfig { ring_capacity: 2, congestion_threshold_msgs: THRESHOLD_MSGS };
+    let config = MeshConfig {
+        ring_capacity: 2,
+        congestion_threshold_msgs: THRESHOLD_MSGS,
+    };
     let endpoints = build_mesh_with::<Msg>(shards, config);
     let reports: Arc<Mutex<Vec<Option<Report>>>> = Arc::new(Mutex::new(vec![None, None]));
     let r = reports.clone();
     run_shards_with(
-        ExecutorSpec { shards, io_memory_bytes: 256 * 1024 },
+        ExecutorSpec {
+            shards,
+            io_memory_bytes: 256 * 1024,
+        },
         Pinning::Unbound,
         endpoints,
         move |me, ep| {
@@ -53,12 +59,16 @@ fn flood(mode: Mode) -> Vec<Report> {
     )
     .expect("executors ran");
     let mut reports = reports.lock().unwrap();
-    reports.iter_mut().map(|r| r.take().expect("every shard reported")).collect()
+    reports
+        .iter_mut()
+        .map(|r| r.take().expect("every shard reported"))
+        .collect()
 }
 
 async fn shard_main(me: ShardId, ep: MeshEndpoints<Msg>, mode: Mode) -> Report {
     let mut report = Report::default();
-    let Ok((mesh, inbound)) = glommio::timer::timeout(DEADLINE, async { Ok(ep.connect().await) }).await
+    let Ok((mesh, inbound)) =
+        glommio::timer::timeout(DEADLINE, async { Ok(ep.connect().await) }).await
     else {
         report.errors.push("connect timed out".into());
         return report;
@@ -73,7 +83,9 @@ async fn shard_main(me: ShardId, ep: MeshEndpoints<Msg>, mode: Mode) -> Report {
             let mut next = next.borrow_mut();
             for (sender, seq) in batch {
                 if sender != from.0 || seq != *next {
-                    bad.borrow_mut().push(format!("from {from}: got ({sender}, #{seq}), expected #{next}"));
+                    bad.borrow_mut().push(format!(
+                        "from {from}: got ({sender}, #{seq}), expected #{next}"
+                    ));
                 }
                 *next = seq + 1;
             }
@@ -109,8 +121,14 @@ async fn shard_main(me: ShardId, ep: MeshEndpoints<Msg>, mode: Mode) -> Report {
     if let (Some(i), Some(h)) = (inbound.take(), handler.take()) {
         i.spawn_drains(None, h);
     }
-    if glommio::timer::timeout(DEADLINE, async { Ok(done_rx.recv().await) }).await.is_err() {
-        report.errors.push(format!("received {} of {PER_PEER} before the deadline", next.borrow()));
+    if glommio::timer::timeout(DEADLINE, async { Ok(done_rx.recv().await) })
+        .await
+        .is_err()
+    {
+        report.errors.push(format!(
+            "received {} of {PER_PEER} before the deadline",
+            next.borrow()
+        ));
     }
     wait_quiet(&mesh, &mut report).await;
     report.congested_at_end = mesh.congested();
@@ -127,7 +145,9 @@ async fn wait_quiet(mesh: &Mesh<Msg>, report: &mut Report) {
     })
     .await;
     if quiet.is_err() {
-        report.errors.push("outbound did not drain before the deadline".into());
+        report
+            .errors
+            .push("outbound did not drain before the deadline".into());
     }
 }
 

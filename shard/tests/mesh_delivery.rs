@@ -25,7 +25,10 @@ fn exchange(shards: u16, ring_capacity: usize, per_peer: u64) -> Vec<Report> {
     let endpoints = build_mesh::<Msg>(shards, ring_capacity);
     let reports: Arc<Mutex<Vec<Option<Report>>>> =
         Arc::new(Mutex::new((0..shards).map(|_| None).collect()));
-    let spec = ExecutorSpec { shards, io_memory_bytes: 256 * 1024 };
+    let spec = ExecutorSpec {
+        shards,
+        io_memory_bytes: 256 * 1024,
+    };
     let r = reports.clone();
     run_shards_with(spec, Pinning::Unbound, endpoints, move |me, ep| {
         let reports = r.clone();
@@ -36,7 +39,10 @@ fn exchange(shards: u16, ring_capacity: usize, per_peer: u64) -> Vec<Report> {
     })
     .expect("executors ran");
     let mut reports = reports.lock().unwrap();
-    reports.iter_mut().map(|r| r.take().expect("every shard reported")).collect()
+    reports
+        .iter_mut()
+        .map(|r| r.take().expect("every shard reported"))
+        .collect()
 }
 
 async fn shard_main(
@@ -46,9 +52,13 @@ async fn shard_main(
     ep: flux_shard::mesh::MeshEndpoints<Msg>,
 ) -> Report {
     let mut errors = Vec::new();
-    let Ok((mesh, inbound)) = glommio::timer::timeout(DEADLINE, async { Ok(ep.connect().await) }).await
+    let Ok((mesh, inbound)) =
+        glommio::timer::timeout(DEADLINE, async { Ok(ep.connect().await) }).await
     else {
-        return Report { errors: vec![format!("{me}: connect timed out")], stats: None };
+        return Report {
+            errors: vec![format!("{me}: connect timed out")],
+            stats: None,
+        };
     };
     let expected_total = per_peer * u64::from(shards - 1);
     let next = Rc::new(RefCell::new(vec![0u64; usize::from(shards)]));
@@ -61,11 +71,14 @@ async fn shard_main(
             let mut next = next.borrow_mut();
             for (sender, seq) in batch {
                 if sender != from.0 {
-                    bad.borrow_mut().push(format!("ring from {from} carried a message of shard-{sender}"));
+                    bad.borrow_mut().push(format!(
+                        "ring from {from} carried a message of shard-{sender}"
+                    ));
                 }
                 let want = &mut next[from.index()];
                 if seq != *want {
-                    bad.borrow_mut().push(format!("from {from}: got #{seq}, expected #{want}"));
+                    bad.borrow_mut()
+                        .push(format!("from {from}: got #{seq}, expected #{want}"));
                 }
                 *want = seq + 1;
                 *received.borrow_mut() += 1;
@@ -92,18 +105,29 @@ async fn shard_main(
         && glommio::timer::timeout(DEADLINE, async {
             done_rx.recv().await;
             Ok(())
-        }).await.is_err()
+        })
+        .await
+        .is_err()
     {
-        errors.push(format!("{me}: received {} of {expected_total} before the deadline", received.borrow()));
+        errors.push(format!(
+            "{me}: received {} of {expected_total} before the deadline",
+            received.borrow()
+        ));
     }
     if glommio::timer::timeout(DEADLINE, async {
         mesh.flushed().await;
         Ok(())
-    }).await.is_err() {
+    })
+    .await
+    .is_err()
+    {
         errors.push(format!("{me}: outbound not flushed before the deadline"));
     }
     errors.extend(bad.borrow().iter().take(5).cloned());
-    Report { errors, stats: Some(mesh.stats()) }
+    Report {
+        errors,
+        stats: Some(mesh.stats()),
+    }
 }
 
 fn check(reports: &[Report], per_peer: u64) {
@@ -145,4 +169,53 @@ fn one_shard_mesh_has_no_peers() {
     let reports = exchange(1, 16, 10);
     assert!(reports[0].errors.is_empty());
     assert!(reports[0].stats.as_ref().unwrap().peers.is_empty());
+}
+
+#[test]
+fn sending_to_a_shard_that_is_gone_drops_and_counts_without_blocking() {
+    let outcome: Arc<Mutex<Option<Result<MeshStats, String>>>> = Arc::new(Mutex::new(None));
+    let o = outcome.clone();
+    run_shards_with(
+        ExecutorSpec {
+            shards: 2,
+            io_memory_bytes: 256 * 1024,
+        },
+        Pinning::Unbound,
+        build_mesh::<Msg>(2, 4),
+        move |me, ep| {
+            let outcome = o.clone();
+            async move {
+                let (mesh, inbound) = ep.connect().await;
+                if me == ShardId(1) {
+                    return; // shard 1 leaves at once: its rings close
+                }
+                inbound.spawn_drains(None, |_, _| {});
+                mesh.send(ShardId(0), (0, 0)); // to myself: dropped and counted, no panic
+                let start = std::time::Instant::now();
+                let res = loop {
+                    for seq in 0..100 {
+                        mesh.send(ShardId(1), (0, seq));
+                    }
+                    glommio::timer::sleep(Duration::from_millis(1)).await;
+                    let stats = mesh.stats();
+                    if stats.peers[0].dropped_msgs > 0 && mesh.is_flushed() {
+                        break Ok(stats);
+                    }
+                    if start.elapsed() > DEADLINE {
+                        break Err(format!("no drop seen: {stats:?}"));
+                    }
+                };
+                *outcome.lock().unwrap() = Some(res);
+            }
+        },
+    )
+    .expect("executors ran");
+    let stats = outcome
+        .lock()
+        .unwrap()
+        .take()
+        .expect("shard 0 reported")
+        .expect("drops seen");
+    assert_eq!(stats.misrouted_msgs, 1);
+    assert!(stats.peers[0].dropped_msgs > 0);
 }
