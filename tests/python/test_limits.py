@@ -1,0 +1,75 @@
+"""Limits configured through fluxd's `[limits]` table (core/src/limits.rs); the connect
+timeout is in test_connect.py. Those without a Mosquitto setting are skipped under Mosquitto,
+never under fluxd."""
+
+from harness import (CLOSED, CONNACK, PUBACK, cid, connect_packet, disconnect_code, publish_packet,
+                     skip_under_mosquitto)
+
+
+def test_mqtt5_3_2_2_23_max_packet_size_advertised_and_oversize_closed_0x95(broker_with, client, raw):
+    b = broker_with(max_packet_size_bytes=1024)
+    c = client(b, cid("mps-adv"))
+    assert getattr(c.connack_props, "MaximumPacketSize", None) == 1024
+    c.subscribe("lim/ok", qos=1)
+    r = raw(b)
+    r.connect(5, cid("too-big"))
+    r.send(publish_packet(5, "lim/big", b"x" * 2048, qos=1, packet_id=1))
+    seen = r.expect_close()
+    code = disconnect_code(seen)
+    if b.kind == "fluxd" or code is not None:
+        assert code == 0x95, f"want DISCONNECT 0x95 Packet too large, got {seen}"
+    # Only that connection is gone.
+    c.publish("lim/ok", b"still here", qos=1)
+    assert c.expect().payload == b"still here"
+
+
+def test_flux_max_subscriptions_per_session_suback_0x97(broker_with, client):
+    skip_under_mosquitto("max_subscriptions_per_session has no Mosquitto setting")
+    b = broker_with(max_subscriptions_per_session=2)
+    c = client(b, cid("subs"))
+    assert c.subscribe("s/1", qos=1) == [1]
+    assert c.subscribe("s/2", qos=1) == [1]
+    assert c.subscribe("s/3", qos=1) == [0x97]
+    # The refused one is not active; the accepted ones are.
+    c.publish("s/3", b"no", qos=1)
+    c.publish("s/2", b"yes", qos=1)
+    assert c.expect().payload == b"yes"
+
+
+def test_flux_max_topic_levels(broker_with, client, raw):
+    skip_under_mosquitto("max_topic_levels has no Mosquitto setting")
+    b = broker_with(max_topic_levels=3)
+    watcher = client(b, cid("levels-watch", 0))
+    watcher.subscribe("#", qos=1)
+    c = client(b, cid("levels", 1))
+    assert c.subscribe("a/b/c", qos=1) == [1]
+    assert c.subscribe("a/b/c/d", qos=1) == [0x8F], "a filter deeper than the limit is Topic Filter invalid"
+    r = raw(b)
+    r.connect(5, cid("levels-raw", 0))
+    r.send(publish_packet(5, "a/b/c/d", b"deep", qos=1, packet_id=9))
+    p = r.next()
+    assert p not in (None, CLOSED), f"no answer to a too-deep PUBLISH: {p}"
+    # Refused either in the PUBACK or by closing with DISCONNECT; both use 0x90 Topic Name invalid.
+    if p[0] == PUBACK:
+        assert p[2][:2] == b"\x00\x09" and p[2][2] == 0x90, f"PUBACK {p}"
+    else:
+        assert disconnect_code([p] + r.expect_close()) == 0x90, f"got {p}"
+    c.publish("a/b/c", b"shallow", qos=1)
+    m = watcher.expect()
+    assert (m.topic, m.payload) == ("a/b/c", b"shallow"), "the too-deep message was delivered"
+
+
+def test_flux_max_connections(broker_with, raw):
+    skip_under_mosquitto("Mosquitto refuses by closing without CONNACK 0x97")
+    limit = 4
+    b = broker_with(max_connections=limit)
+    accepted, refused = [], []
+    for i in range(limit + 4):
+        r = raw(b)
+        r.send(connect_packet(5, cid(f"conn{i}")))
+        kind, _, body = r.expect(CONNACK)
+        (accepted if body[1] == 0 else refused).append(body[1])
+    # Each of the 2 shards enforces its share (rounded up); never more than the limit in total.
+    assert 1 <= len(accepted) <= limit, f"accepted {len(accepted)} with max_connections={limit}"
+    assert refused and set(refused) == {0x97}, f"refusals must be CONNACK 0x97 Quota exceeded: {refused}"
+
