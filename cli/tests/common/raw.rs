@@ -48,12 +48,18 @@ pub fn packet(first: u8, body: &[u8]) -> Vec<u8> {
 /// CONNECT with clean start, keep alive 30 s, no properties; `flags_extra` is OR-ed into the
 /// connect flags (e.g. 0x01 sets the reserved bit).
 pub fn connect(version: u8, client_id: &str, flags_extra: u8) -> Vec<u8> {
+    connect_full(version, client_id, 0x02 | flags_extra, &[])
+}
+
+/// CONNECT with explicit connect flags and (MQTT 5) property bytes; keep alive 30 s.
+pub fn connect_full(version: u8, client_id: &str, flags: u8, properties: &[u8]) -> Vec<u8> {
     let mut body = string(b"MQTT");
     body.push(version);
-    body.push(0x02 | flags_extra);
+    body.push(flags);
     body.extend_from_slice(&30u16.to_be_bytes());
     if version == V5 {
-        body.push(0); // no properties
+        body.extend(varint(properties.len()));
+        body.extend_from_slice(properties);
     }
     body.extend(string(client_id.as_bytes()));
     packet(0x10, &body)

@@ -24,6 +24,8 @@ pub struct Client {
     rx: mpsc::UnboundedReceiver<Incoming>,
     stash: VecDeque<Publish>,
     task: tokio::task::JoinHandle<()>,
+    /// Why the connection ended, once it has (for failure messages).
+    pub close_reason: Option<String>,
 }
 
 impl Drop for Client {
@@ -70,7 +72,7 @@ pub async fn connect_with(opts: MqttOptions) -> (Client, ConnAck) {
             }
         }
     });
-    let mut c = Client { client, id, rx, stash: VecDeque::new(), task };
+    let mut c = Client { client, id, rx, stash: VecDeque::new(), task, close_reason: None };
     let ack = c
         .wait_for(super::WAIT, |p| match p {
             Packet::ConnAck(a) => Some(a.clone()),
@@ -132,7 +134,10 @@ impl Client {
             match timeout_at(deadline, self.rx.recv()).await {
                 Err(_) => return Err(format!("still connected after {timeout:?}")),
                 Ok(None) => return Ok(None),
-                Ok(Some(Incoming::Closed { disconnect, .. })) => return Ok(disconnect),
+                Ok(Some(Incoming::Closed { disconnect, error })) => {
+                    self.close_reason = Some(error);
+                    return Ok(disconnect);
+                }
                 Ok(Some(Incoming::Packet(Packet::Disconnect(d)))) => return Ok(Some(d.reason_code)),
                 Ok(Some(Incoming::Packet(Packet::Publish(p)))) => self.stash.push_back(p),
                 Ok(Some(Incoming::Packet(_))) => {}
