@@ -235,6 +235,8 @@ async fn mqtt5_3_1_4_3_takeover_disconnects_old_connection_with_0x8e() {
         let (mut new, ack) = v5::connect_with(opts).await;
         assert!(ack.session_present, "round {round}: session not carried over");
         let seen = tokio::task::spawn_blocking(move || old.expect_close(WAIT)).await.expect("raw close");
+        // A redelivery of an earlier round's message to the old connection is legitimate.
+        let seen: Vec<_> = seen.into_iter().filter(|p| p.kind != raw::PUBLISH).collect();
         match seen.as_slice() {
             [p] if p.kind == raw::DISCONNECT => {
                 assert_eq!(p.reason_code(), 0x8E, "round {round}: old connection must get DISCONNECT 0x8E")
@@ -259,13 +261,20 @@ async fn mqtt311_3_1_4_2_takeover_closes_old_connection() {
     let (mut old, _) = v4::connect(broker.port, &id, false).await;
     old.subscribe("take/v4", qos4(1)).await;
     let (publ, _) = v4::connect(broker.port, &client_id_on_shard("take-pub", 1), true).await;
-    for round in 0..4 {
+    for round in 0..4i32 {
         let (mut new, ack) = v4::connect(broker.port, &id, false).await;
         assert!(ack.session_present, "round {round}: session not carried over");
         old.wait_closed(WAIT).await.unwrap_or_else(|e| panic!("round {round}: old connection: {e}"));
         publ.publish("take/v4", qos4(1), false, format!("round {round}")).await;
-        let p = new.next_publish(WAIT).await.unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert_eq!(&p.payload[..], format!("round {round}").as_bytes());
+        // The previous round's message may come again (DUP) if its PUBACK raced the takeover.
+        loop {
+            let p = new.next_publish(WAIT).await.unwrap_or_else(|e| panic!("round {round}: {e}"));
+            if &p.payload[..] == format!("round {round}").as_bytes() {
+                break;
+            }
+            let previous = format!("round {}", round.wrapping_sub(1));
+            assert!(p.dup && &p.payload[..] == previous.as_bytes(), "round {round}: unexpected {p:?}");
+        }
         old = new;
     }
 }

@@ -138,7 +138,7 @@ class Broker:
                 s.bind(("127.0.0.1", 0))
                 self.port = s.getsockname()[1]
             conf = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", "persistence false",
-                    "log_dest stdout", "log_type all"]
+                    "log_dest stderr", "log_type all"]
             for key, value in self.limits.items():
                 if key == "max_connections":
                     conf.append(f"max_connections {value}")
@@ -159,6 +159,11 @@ class Broker:
             self.proc.kill()
             self.proc.wait()
         raise RuntimeError("mosquitto did not start:\n" + self.log())
+
+    def terminate(self, timeout: float = WAIT) -> int:
+        """SIGTERM (graceful shutdown); returns the exit code once the process is gone."""
+        self.proc.terminate()
+        return self.proc.wait(timeout=timeout)
 
     def log(self) -> str:
         return "\n".join(self._log)

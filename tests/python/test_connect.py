@@ -148,3 +148,17 @@ def test_mqtt5_3_1_4_2_connect_with_session_expiry_property_round_trip(broker, r
     assert (present, rc) == (False, 0)
     r.send(packet(0xE0, b"\x00\x00"))  # DISCONNECT 0x00, no properties
     assert r.expect_close() == []
+
+
+def test_mqtt5_4_13_graceful_shutdown_disconnects_with_0x8b(broker, raw):
+    v5 = raw(broker)
+    v5.connect(5, cid("shut5", 0))
+    v4 = raw(broker)
+    v4.connect(4, cid("shut4", 1))
+    rc = broker.terminate()
+    assert rc == 0, f"graceful shutdown exited with {rc}"
+    seen = v5.expect_close()
+    code = disconnect_code(seen)
+    if broker.kind == "fluxd" or code is not None:
+        assert code == 0x8B, f"v5: want DISCONNECT 0x8B Server shutting down, got {seen}"
+    assert v4.expect_close() == [], "MQTT 3.1.1 has no server DISCONNECT"

@@ -140,7 +140,7 @@ impl Broker {
             let port = free_port();
             let mut conf = format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 log_dest stdout\nlog_type all\n"
+                 log_dest stderr\nlog_type all\n"
             );
             for (key, value) in limits {
                 let line = match *key {
