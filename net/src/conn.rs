@@ -190,7 +190,7 @@ async fn run_session(
                 Ok(events) => {
                     for event in events {
                         match event {
-                            Event::Publish { message, ack } => broker.publish_from(opened.key, message, ack, now),
+                            Event::Publish { message, ack } => broker.publish_from(opened.key, message, ack, now).await,
                             Event::Subscribe { added, suback } => broker.subscribe(opened.key, added, suback, now).await,
                             Event::Unsubscribe { removed } => broker.unsubscribe(opened.key, &removed),
                         }

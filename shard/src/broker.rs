@@ -246,9 +246,21 @@ impl Broker {
         result.map(|()| out.events)
     }
 
-    /// Route a publish from a client of this shard, then acknowledge it.
-    pub fn publish_from(&self, key: SessKey, message: Message, ack: Option<(flux_core::mqtt::PacketId, QoS)>, now: Instant) {
-        let matched = self.publish(message, now);
+    /// Route a publish from a client of this shard, then acknowledge it once every effect that
+    /// outlives the publish (the retained store on its owner shard) has been applied.
+    pub async fn publish_from(&self, key: SessKey, message: Message, ack: Option<(flux_core::mqtt::PacketId, QoS)>, now: Instant) {
+        let retained = match (&ack, message.retain) {
+            (Some(_), true) => Some(self.retain(message.clone(), true)),
+            (None, true) => {
+                self.retain(message.clone(), false);
+                None
+            }
+            _ => None,
+        };
+        let matched = self.route(&message, now) || retained.is_some();
+        if let Some(applied) = retained {
+            applied.done().await;
+        }
         if let Some((packet_id, qos)) = ack {
             if let Some(entry) = self.entry(key) {
                 let mut out = Outbox::default();
@@ -265,10 +277,15 @@ impl Broker {
     /// the mesh), to one member of each matching shared group, and to the retained store.
     /// Returns whether anything took it.
     pub fn publish(&self, message: Message, now: Instant) -> bool {
-        self.stats.published.set(self.stats.published.get() + 1);
         if message.retain {
-            self.retain(message.clone());
+            self.retain(message.clone(), false);
         }
+        self.route(&message, now)
+    }
+
+    /// Deliver to live subscribers only (the retained store is the caller's business).
+    fn route(&self, message: &Message, now: Instant) -> bool {
+        self.stats.published.set(self.stats.published.get() + 1);
         let mut dest = vec![false; usize::from(self.shard_count)];
         let mut groups = Vec::new();
         let mut picks = Vec::new();
@@ -290,7 +307,7 @@ impl Broker {
             matched = true;
             let shard = ShardId(i as u16);
             if shard == self.me {
-                self.deliver_local(&message, now);
+                self.deliver_local(message, now);
             } else {
                 self.mesh.send(shard, ShardMsg::Publish(message.clone()));
             }
@@ -305,13 +322,26 @@ impl Broker {
         matched
     }
 
-    fn retain(&self, message: Message) {
+    /// Send `message` to the retained store of its topic's owner shard. With `confirm`, the
+    /// returned gather completes once the owner has applied it.
+    fn retain(&self, message: Message, confirm: bool) -> Gather {
         let owner = flux_core::shard_for(message.topic.as_str().as_bytes(), self.shard_count);
         if owner == self.me {
             self.apply_retain(message);
-        } else {
-            self.mesh.send(owner, ShardMsg::RetainSet(message));
+            return GatherState::new(0);
         }
+        let (gather, req) = if confirm {
+            let g = GatherState::new(1);
+            let mut st = self.state.borrow_mut();
+            st.next_req += 1;
+            let req = st.next_req;
+            st.pending.insert(req, g.clone());
+            (g, Some(req))
+        } else {
+            (GatherState::new(0), None)
+        };
+        self.mesh.send(owner, ShardMsg::RetainSet { message, req });
+        gather
     }
 
     fn apply_retain(&self, message: Message) {
@@ -710,7 +740,12 @@ impl Broker {
                     }
                 }
                 ShardMsg::Ack { req } => self.reply(req, Vec::new()),
-                ShardMsg::RetainSet(m) => self.apply_retain(m),
+                ShardMsg::RetainSet { message, req } => {
+                    self.apply_retain(message);
+                    if let Some(req) = req {
+                        self.mesh.send(from, ShardMsg::Ack { req });
+                    }
+                }
                 ShardMsg::RetainQuery { filter, reply_to, req } => {
                     let messages = self.local_retained(&filter);
                     self.mesh.send(reply_to, ShardMsg::RetainReply { req, messages });

@@ -36,8 +36,8 @@ pub enum ShardMsg {
     RouteUpdate { key: RouteKey, shard: ShardId, members: u32, req: Option<u64> },
     Ack { req: u64 },
     /// Set (or, with an empty payload, clear) the retained message of its topic; sent to the
-    /// topic's owner shard.
-    RetainSet(Message),
+    /// topic's owner shard. `req`: acknowledge once applied (the publisher's PUBACK waits).
+    RetainSet { message: Message, req: Option<u64> },
     /// Send back every retained message this shard owns that matches `filter`.
     RetainQuery { filter: TopicFilter, reply_to: ShardId, req: u64 },
     RetainReply { req: u64, messages: Vec<Message> },
