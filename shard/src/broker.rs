@@ -179,14 +179,19 @@ impl Broker {
         let mut resumed = None;
         if let Some((key, entry)) = existing {
             let mut e = entry.borrow_mut();
+            // Expired but not yet reaped by housekeeping (it runs once a second): not resumable.
+            let mut ended = e.session.is_expired(now);
             if let Some(old) = e.conn.take() {
                 tracing::info!(client_id = %client_id, "session taken over by a new connection");
                 old.close(Some(ReasonCode::SessionTakenOver));
-                let (will, _) = e.session.detach(now, true);
+                let (will, session_ended) = e.session.detach(now, true);
                 wills.extend(will);
                 handoff = e.session.take_shared_undelivered();
+                // A session with expiry 0 ends with its connection, even when the new CONNECT
+                // asks to resume (MQTT 5 3.1.2.11.2).
+                ended = session_ended;
             }
-            if negotiated.clean_start {
+            if negotiated.clean_start || ended {
                 wills.extend(e.session.take_pending_will());
                 discarded = Some((key, e.session.take_subscriptions()));
             } else {
