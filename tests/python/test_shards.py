@@ -1,7 +1,8 @@
 """Behaviour that crosses fluxd's two shards: client ids are chosen by home shard
 (FNV-1a 64 of the id modulo 2) so that publisher, subscribers and sessions live apart."""
 
-from harness import cid, shard_for
+from harness import (PUBLISH, SUBACK, Raw, cid, publish_fields, shard_for, skip_under_mosquitto,
+                     subscribe_packet)
 
 
 def test_harness_shard_for_places_ids():
@@ -94,3 +95,27 @@ def test_flux_offline_queue_is_bounded(broker_with, client):
     assert 1 <= len(got) <= queued + inflight, f"{len(got)} of {total} kept with max_queued_messages={queued}"
     # When full, new messages are dropped: what is kept is the oldest, in order.
     assert got == list(range(len(got))), f"kept {got}"
+
+
+def test_mqtt5_4_8_2_shared_member_leaving_hands_unacked_messages_to_another_member(broker, client):
+    """A member that dies holding unacknowledged QoS 1 messages: another member of the group (on
+    the other shard) gets every one of them."""
+    skip_under_mosquitto("Mosquitto 2.0 does not hand a departed member's unacked messages to the group")
+    n = 5
+    leaver = Raw(broker)
+    assert leaver.connect(5, cid("share-leaver", 0)) == (False, 0)
+    leaver.send(subscribe_packet(5, 1, "$share/hand/work", 1))
+    leaver.expect(SUBACK)
+    pub = client(broker, cid("share-pub", 1))
+    for i in range(n):
+        pub.publish("work", f"job{i}".encode(), qos=1)
+    # The only member receives all of them and never sends PUBACK.
+    for i in range(n):
+        _, flags, body = leaver.expect(PUBLISH)
+        assert publish_fields(5, flags, body)["qos"] == 1
+    stayer = client(broker, cid("share-stayer", 1))
+    assert stayer.subscribe("$share/hand/work", qos=1) == [1]
+    leaver.close()  # abrupt: no DISCONNECT, nothing acknowledged
+    got = sorted(stayer.expect(what="handed-over message").payload for _ in range(n))
+    assert got == [f"job{i}".encode() for i in range(n)]
+    stayer.expect_none()  # and no extra copies
