@@ -225,7 +225,10 @@ impl Session {
         self.client_receive_maximum = negotiated.client_receive_maximum.max(1);
         self.client_maximum_packet_size = negotiated.client_maximum_packet_size;
         self.topic_aliases.clear();
-        for flight in &self.inflight_out {
+        let max_packet_size = self.client_maximum_packet_size.map(|m| m as usize);
+        let protocol = self.protocol;
+        let mut too_large = 0;
+        self.inflight_out.retain(|flight| {
             let packet = match flight.state {
                 OutState::AwaitAck | OutState::AwaitRec => {
                     let mut p = publish_packet(&flight.delivery, Some(flight.packet_id), now);
@@ -234,8 +237,16 @@ impl Session {
                 }
                 OutState::AwaitComp => Packet::PubRel(PubResp::success(flight.packet_id)),
             };
+            if max_packet_size.is_some_and(|max| encoded_len(&packet, protocol) > max) {
+                // The client now accepts less than it did (MQTT 5 3.1.2.25): discard the
+                // message as if it had been delivered.
+                too_large += 1;
+                return false;
+            }
             out.packets.push(packet);
-        }
+            true
+        });
+        self.stats.dropped_too_large += too_large;
         self.pump(now, out);
     }
 
@@ -254,14 +265,14 @@ impl Session {
         let mut immediate = None;
         if let Some(will) = will {
             let delay = will.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry_secs);
-            let message = will_message(&will, &self.client_id, now);
             if delay == 0 || ends_now {
-                immediate = Some(message);
+                immediate = Some(will_message(&will, &self.client_id, now));
             } else {
-                self.pending_will = Some(PendingWill {
-                    message,
-                    publish_at: now + Duration::from_secs(u64::from(delay)),
-                });
+                // The Message Expiry Interval counts from when the will is published (MQTT 5
+                // 3.1.3.2.4), i.e. from `publish_at`, not from now.
+                let publish_at = now + Duration::from_secs(u64::from(delay));
+                self.pending_will =
+                    Some(PendingWill { message: will_message(&will, &self.client_id, publish_at), publish_at });
             }
         }
         (immediate, ends_now)
@@ -384,13 +395,14 @@ impl Session {
         DeliverOutcome::Queued
     }
 
-    /// Take the unacknowledged and queued QoS 1/2 messages that came through a shared
-    /// subscription, so another member of the group can have them (the session is leaving).
-    /// A QoS 2 message whose PUBREC already arrived stays: the receiver has it.
+    /// Take the unacknowledged QoS 1 and the queued (never sent) QoS 1/2 messages that came
+    /// through a shared subscription, so another member of the group can have them (the session
+    /// is leaving). A QoS 2 message already sent stays: its delivery is completed with this
+    /// client when it reconnects and never sent to another (MQTT-4.8.2-4, MQTT-4.8.2-5).
     pub fn take_shared_undelivered(&mut self) -> Vec<Delivery> {
         let mut taken = Vec::new();
         self.inflight_out.retain(|f| {
-            let move_it = f.delivery.shared.is_some() && f.state != OutState::AwaitComp;
+            let move_it = f.delivery.shared.is_some() && f.state == OutState::AwaitAck;
             if move_it {
                 taken.push(f.delivery.clone());
             }
@@ -482,6 +494,8 @@ impl Session {
                 }
                 out.packets.push(Packet::PubRel(PubResp::success(r.packet_id)));
             }
+            // PUBREL answers only a PUBREC below 0x80 (MQTT 5 4.3.3).
+            None if r.reason.is_error() => {}
             None => out.packets.push(Packet::PubRel(PubResp {
                 packet_id: r.packet_id,
                 reason: self.v5_reason(ReasonCode::PacketIdentifierNotFound),
