@@ -1,0 +1,207 @@
+//! Segments as files written with glommio's `DmaFile` (O_DIRECT).
+//!
+//! Lives on one shard's executor (it holds glommio files); must be created and used there.
+//!
+//! glommio 0.9 trap handled in [`DmaStorage::open`]: glommio decides once per disk whether
+//! O_DIRECT I/O on it can be polled, and decides wrongly if the first file it sees on that disk
+//! is freshly created and empty; later O_DIRECT reads then fail with EOPNOTSUPP and every commit
+//! costs milliseconds. So `open` first writes a small non-empty marker file with std and opens it
+//! with `DmaFile` before touching any segment.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use glommio::io::{DmaFile, OpenOptions, ReadResult};
+
+use super::{parse_segment_file_name, segment_file_name, Storage, BLOCK};
+
+/// Name of the marker file [`DmaStorage::open`] writes (see the module docs).
+pub const PROBE_FILE_NAME: &str = "flux-wal.probe";
+
+/// Options of [`DmaStorage`].
+#[derive(Debug, Clone)]
+pub struct DmaStorageOptions {
+    /// Write zeros over a new segment's whole length when creating it (after `fallocate`).
+    /// Costs one sequential write of the segment at creation, and saves the unwritten-extent
+    /// conversion (a journal commit) that writing into a merely fallocated range adds to the
+    /// fdatasync of every group commit.
+    pub prezero: bool,
+    /// Size of the zero-filling writes, in bytes (a multiple of 4096).
+    pub prezero_chunk_bytes: usize,
+}
+
+impl Default for DmaStorageOptions {
+    fn default() -> Self {
+        DmaStorageOptions {
+            prezero: true,
+            prezero_chunk_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Segment files in one directory. See the module docs.
+pub struct DmaStorage {
+    dir: PathBuf,
+    options: DmaStorageOptions,
+    files: RefCell<HashMap<u64, Rc<DmaFile>>>,
+}
+
+impl DmaStorage {
+    /// Opens (creating it if needed) the segment directory `dir`. Must run inside a glommio
+    /// executor. Writes and opens the probe file (see the module docs).
+    pub async fn open(dir: impl AsRef<Path>, options: DmaStorageOptions) -> io::Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::create_dir_all(&dir)?;
+        let probe = dir.join(PROBE_FILE_NAME);
+        // Blocking std I/O on purpose, once per shard at start: the file must exist and be
+        // non-empty before glommio's first O_DIRECT open on this disk.
+        std::fs::write(&probe, [0x46u8; BLOCK])?;
+        let f = DmaFile::open(&probe).await?;
+        f.close().await?;
+        Ok(DmaStorage {
+            dir,
+            options,
+            files: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// The segment directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn path(&self, id: u64) -> PathBuf {
+        self.dir.join(segment_file_name(id))
+    }
+
+    async fn file(&self, id: u64) -> io::Result<Rc<DmaFile>> {
+        if let Some(f) = self.files.borrow().get(&id) {
+            return Ok(f.clone());
+        }
+        let f = Rc::new(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .dma_open(self.path(id))
+                .await?,
+        );
+        self.files.borrow_mut().insert(id, f.clone());
+        Ok(f)
+    }
+
+    async fn sync_dir(&self) -> io::Result<()> {
+        let d = glommio::io::Directory::open(&self.dir).await?;
+        d.sync().await?;
+        d.close().await?;
+        Ok(())
+    }
+
+    fn forget(&self, id: u64) -> Option<Rc<DmaFile>> {
+        self.files.borrow_mut().remove(&id)
+    }
+}
+
+async fn close_quietly(f: Rc<DmaFile>) {
+    if let Err(e) = f.close_rc().await {
+        tracing::debug!(error = %e, "closing segment file");
+    }
+}
+
+impl Storage for DmaStorage {
+    type ReadBuf = ReadResult;
+
+    async fn list_segments(&self) -> io::Result<Vec<u64>> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if let Some(id) = entry.file_name().to_str().and_then(parse_segment_file_name) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    async fn create_segment(&self, id: u64, size_bytes: u64) -> io::Result<()> {
+        if let Some(old) = self.forget(id) {
+            close_quietly(old).await;
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .dma_open(self.path(id))
+            .await?;
+        f.pre_allocate(size_bytes, false).await?;
+        if self.options.prezero {
+            let chunk = self.options.prezero_chunk_bytes.max(BLOCK) / BLOCK * BLOCK;
+            let mut pos = 0u64;
+            while pos < size_bytes {
+                let n = chunk.min((size_bytes - pos) as usize);
+                let n = n.div_ceil(BLOCK) * BLOCK;
+                let mut buf = f.alloc_dma_buffer(n);
+                buf.as_bytes_mut().fill(0);
+                let written = f.write_at(buf, pos).await?;
+                if written == 0 {
+                    return Err(io::Error::new(io::ErrorKind::WriteZero, "zero-filling segment"));
+                }
+                pos += written as u64;
+            }
+        }
+        f.fdatasync().await?;
+        self.files.borrow_mut().insert(id, Rc::new(f));
+        self.sync_dir().await
+    }
+
+    async fn remove_segment(&self, id: u64) -> io::Result<()> {
+        if let Some(f) = self.forget(id) {
+            close_quietly(f).await;
+        }
+        std::fs::remove_file(self.path(id))?;
+        self.sync_dir().await
+    }
+
+    async fn segment_len(&self, id: u64) -> io::Result<u64> {
+        self.file(id).await?.file_size().await.map_err(Into::into)
+    }
+
+    async fn read(&self, id: u64, offset: u64, len: usize) -> io::Result<ReadResult> {
+        let f = self.file(id).await?;
+        Ok(f.read_at_aligned(offset, len).await?)
+    }
+
+    async fn write(&self, id: u64, offset: u64, data: &[u8]) -> io::Result<()> {
+        assert!(
+            offset % BLOCK as u64 == 0 && data.len() % BLOCK == 0,
+            "unaligned write {offset}+{}",
+            data.len()
+        );
+        let f = self.file(id).await?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let mut buf = f.alloc_dma_buffer(data.len() - done);
+            buf.as_bytes_mut().copy_from_slice(&data[done..]);
+            let n = f.write_at(buf, offset + done as u64).await?;
+            if n == 0 || n % BLOCK != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("short O_DIRECT write of {n} bytes"),
+                ));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    async fn sync(&self, id: u64) -> io::Result<()> {
+        self.file(id).await?.fdatasync().await.map_err(Into::into)
+    }
+
+    fn describe(&self, id: u64) -> String {
+        self.path(id).display().to_string()
+    }
+}

@@ -1,0 +1,100 @@
+//! Helpers shared by the WAL integration tests.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use flux_wal::{Lsn, MemStorage, Record, RecoveryReport, StoredMessage, Wal, WalConfig, WalError};
+
+/// A record whose content is derived from `i` (size varies with `i`).
+pub fn rec(i: u64) -> Record {
+    match i % 4 {
+        0 => Record::MessageEnqueued {
+            client_id: format!("client-{}", i % 7),
+            msg_id: i,
+            message: StoredMessage {
+                topic: format!("t/{i}"),
+                qos: 1,
+                retain: false,
+                payload: vec![(i % 251) as u8; (i % 300) as usize],
+                properties: vec![],
+                expires_at_ms: None,
+            },
+        },
+        1 => Record::RetainedClear {
+            topic: format!("r/{i}"),
+        },
+        2 => Record::Outbound {
+            client_id: format!("client-{}", i % 7),
+            msg_id: i,
+            state: flux_wal::OutboundState::Sent {
+                packet_id: (i % 65535 + 1) as u16,
+            },
+        },
+        _ => Record::Checkpoint {
+            kind: i as u32,
+            data: vec![0x5A; (i % 900) as usize],
+        },
+    }
+}
+
+pub fn small_config(segment_size_bytes: u64) -> WalConfig {
+    WalConfig {
+        segment_size_bytes,
+        max_group_bytes: 64 << 10,
+        max_pending_bytes: 1 << 20,
+    }
+}
+
+/// Opens the log and collects what recovery replays.
+pub fn open_mem(
+    storage: &MemStorage,
+    config: WalConfig,
+) -> Result<(Wal<MemStorage>, Vec<(Lsn, Record)>, RecoveryReport), WalError> {
+    let mut got = Vec::new();
+    let (wal, report) = futures_lite::future::block_on(Wal::open(
+        storage.clone(),
+        config,
+        |lsn, r| got.push((lsn, r.to_record().expect("deserialize"))),
+    ))?;
+    Ok((wal, got, report))
+}
+
+/// Polls all futures to completion, concurrently, on the current thread.
+pub fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
+    struct JoinAll<F: Future> {
+        futs: Vec<Option<Pin<Box<F>>>>,
+        out: Vec<Option<F::Output>>,
+    }
+    // Outputs are moved, never pinned; the futures are pinned in their boxes.
+    impl<F: Future> Unpin for JoinAll<F> {}
+    impl<F: Future> Future for JoinAll<F> {
+        type Output = Vec<F::Output>;
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            let this = self.get_mut();
+            let mut pending = false;
+            for (i, slot) in this.futs.iter_mut().enumerate() {
+                if let Some(f) = slot {
+                    match f.as_mut().poll(cx) {
+                        Poll::Ready(v) => {
+                            this.out[i] = Some(v);
+                            *slot = None;
+                        }
+                        Poll::Pending => pending = true,
+                    }
+                }
+            }
+            if pending {
+                Poll::Pending
+            } else {
+                Poll::Ready(this.out.iter_mut().map(|o| o.take().unwrap()).collect())
+            }
+        }
+    }
+    let n = futs.len();
+    futures_lite::future::block_on(JoinAll {
+        futs: futs.into_iter().map(|f| Some(Box::pin(f))).collect(),
+        out: (0..n).map(|_| None).collect(),
+    })
+}
