@@ -1,1 +1,357 @@
-fn main() {}
+//! flux-stress: load generator and side-by-side comparison of MQTT brokers.
+//!
+//! - `run`: one bounded load (fixed rate or max rate) against a broker, JSON out.
+//! - `idle`: many idle connections, broker RSS per connection.
+//! - `compare`: the same scenario against fluxd, Mosquitto and rumqttd, interleaved rounds, a table,
+//!   JSON and an SVG plot.
+//! - `crash`: reserved for the durability issue (see `crash.rs`).
+
+mod brokers;
+mod client;
+mod compare;
+mod crash;
+mod idle;
+mod load;
+mod plot;
+mod stats;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use flux_core::mqtt::QoS;
+
+use crate::brokers::{BrokerKind, BrokerPaths, BrokerSettings, RunningBroker};
+use crate::load::{LoadSpec, Mode, Placement, Scenario, Target};
+
+#[derive(Parser)]
+#[command(
+    name = "flux-stress",
+    version,
+    about = "Load and comparison tool for MQTT brokers"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// One bounded load run (fixed rate, or max rate with --max).
+    Run(RunArgs),
+    /// Hold many idle connections and report broker RSS per connection.
+    Idle(IdleArgs),
+    /// Same scenario against several brokers, interleaved rounds; table, JSON and SVG.
+    Compare(CompareArgs),
+    /// Load, kill -9, restart, verify acknowledged messages (not implemented yet).
+    Crash,
+}
+
+#[derive(Args, Clone)]
+struct ScenarioArgs {
+    #[arg(long, value_enum, default_value_t = Scenario::P2p)]
+    scenario: Scenario,
+    /// Publishers (default: 1, or 50 for fanin).
+    #[arg(long)]
+    publishers: Option<usize>,
+    /// Subscribers (default: 1, 50 for fanout, 4 for shared).
+    #[arg(long)]
+    subscribers: Option<usize>,
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    qos: u8,
+    /// Payload bytes (at least 20: the stamp).
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    /// Speak MQTT 5 instead of 3.1.1.
+    #[arg(long)]
+    mqtt_v5: bool,
+    /// Unacknowledged QoS 1/2 publishes per publisher.
+    #[arg(long, default_value_t = 100)]
+    inflight: u16,
+    /// Closed-loop window: undelivered messages per publisher (max mode).
+    #[arg(long, default_value_t = 1000)]
+    window: usize,
+    /// Which fluxd shard each client id homes on (FNV-1a of the id).
+    #[arg(long, value_enum, default_value_t = Placement::Spread)]
+    placement: Placement,
+    /// Seconds at the start whose messages are not measured.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_secs: f64,
+    /// Seconds to wait for in-flight messages after the send phase.
+    #[arg(long, default_value_t = 3.0)]
+    drain_secs: f64,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args, Clone)]
+struct TargetArgs {
+    /// Broker address (host:port). Without it, --spawn starts one.
+    #[arg(long, conflicts_with = "spawn")]
+    addr: Option<SocketAddr>,
+    /// Pid of the broker at --addr, for CPU and RSS figures.
+    #[arg(long, requires = "addr")]
+    broker_pid: Option<u32>,
+    /// Start this broker for the run (on a free loopback port) and stop it after.
+    #[arg(long, value_enum)]
+    spawn: Option<BrokerKind>,
+    #[command(flatten)]
+    paths: BrokerPaths,
+    #[command(flatten)]
+    settings: BrokerSettings,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    #[command(flatten)]
+    scenario: ScenarioArgs,
+    #[command(flatten)]
+    target: TargetArgs,
+    /// Offered rate, messages/s across all publishers (fixed mode).
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
+    /// Closed-loop max-throughput mode instead of fixed rate.
+    #[arg(long)]
+    max: bool,
+    /// Bound on messages sent (all publishers). Default: rate x duration, or 10 million with --max.
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Bound on the send phase, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration_secs: f64,
+    /// Write the JSON result here (default: stdout).
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct IdleArgs {
+    #[command(flatten)]
+    target: TargetArgs,
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    #[arg(long)]
+    mqtt_v5: bool,
+    /// Seconds to keep the connections open after measuring.
+    #[arg(long, default_value_t = 0.0)]
+    hold_secs: f64,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    scenario: ScenarioArgs,
+    /// Brokers, in first-round order (later rounds rotate it).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fluxd,mosquitto,rumqttd"
+    )]
+    brokers: Vec<BrokerKind>,
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Offered rate of the fixed phase, messages/s.
+    #[arg(long, default_value_t = 5000.0)]
+    rate: f64,
+    /// Fixed phase send duration, seconds (0 skips it).
+    #[arg(long, default_value_t = 10.0)]
+    fixed_secs: f64,
+    /// Max phase send duration, seconds (0 skips it).
+    #[arg(long, default_value_t = 5.0)]
+    max_secs: f64,
+    /// Max phase message bound.
+    #[arg(long, default_value_t = 5_000_000)]
+    max_messages: u64,
+    /// Idle connections (0 skips the phase).
+    #[arg(long, default_value_t = 10_000)]
+    idle_connections: usize,
+    /// Output directory (default stress-out/compare-<unix time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[command(flatten)]
+    paths: BrokerPaths,
+    #[command(flatten)]
+    settings: BrokerSettings,
+}
+
+fn secs(v: f64, what: &str) -> anyhow::Result<Duration> {
+    if !(0.0..=3600.0).contains(&v) {
+        bail!("{what} must be between 0 and 3600 seconds");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+fn load_spec(a: &ScenarioArgs, shards: u16) -> anyhow::Result<LoadSpec> {
+    let (dp, ds) = a.scenario.default_counts();
+    let qos = QoS::from_u8(a.qos).context("qos")?;
+    let tag = std::process::id();
+    Ok(LoadSpec {
+        scenario: a.scenario,
+        publishers: a.publishers.unwrap_or(dp),
+        subscribers: a.subscribers.unwrap_or(ds),
+        qos,
+        payload_bytes: a.payload_bytes,
+        mqtt_v5: a.mqtt_v5,
+        mode: Mode::Max { window: a.window },
+        messages: 1,
+        duration: Duration::from_secs(1),
+        warmup: secs(a.warmup_secs, "--warmup-secs")?,
+        drain: secs(a.drain_secs, "--drain-secs")?,
+        inflight: a.inflight,
+        placement: a.placement,
+        flux_shards: shards,
+        topic_base: format!("stress/{tag}"),
+        client_prefix: format!("st{tag}"),
+        progress: !a.quiet,
+        label: String::new(),
+    })
+}
+
+/// The broker to load: an address given, or one started now (kept alive by the returned guard).
+fn resolve_target(
+    t: &TargetArgs,
+    mqtt_v5: bool,
+) -> anyhow::Result<(Target, Option<RunningBroker>, String)> {
+    match (t.addr, t.spawn) {
+        (Some(addr), _) => Ok((
+            Target {
+                addr,
+                pid: t.broker_pid,
+            },
+            None,
+            addr.to_string(),
+        )),
+        (None, Some(kind)) => {
+            let b = RunningBroker::start(kind, &t.paths, &t.settings, mqtt_v5)?;
+            eprintln!("started {} pid {} on {}", kind.name(), b.pid(), b.addr);
+            Ok((
+                Target {
+                    addr: b.addr,
+                    pid: Some(b.pid()),
+                },
+                Some(b),
+                kind.name().to_string(),
+            ))
+        }
+        (None, None) => bail!("give --addr HOST:PORT or --spawn fluxd|mosquitto|rumqttd"),
+    }
+}
+
+fn write_json(path: Option<&PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    match path {
+        Some(p) => {
+            std::fs::write(p, text).with_context(|| format!("writing {}", p.display()))?;
+            eprintln!("wrote {}", p.display());
+        }
+        None => println!("{text}"),
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    idle::raise_nofile_limit();
+    match cli.command {
+        Command::Run(a) => {
+            let mut spec = load_spec(&a.scenario, a.target.settings.shards)?;
+            spec.duration = secs(a.duration_secs, "--duration-secs")?;
+            if a.max {
+                spec.mode = Mode::Max {
+                    window: a.scenario.window,
+                };
+                spec.messages = a.messages.unwrap_or(10_000_000);
+            } else {
+                spec.mode = Mode::Fixed {
+                    rate_per_sec: a.rate,
+                };
+                spec.messages = a
+                    .messages
+                    .unwrap_or((a.rate * a.duration_secs).ceil() as u64);
+            }
+            let (target, mut broker, name) = resolve_target(&a.target, spec.mqtt_v5)?;
+            spec.label = name;
+            let result = load::run(&spec, target);
+            if let Some(b) = broker.as_mut() {
+                if !b.alive() {
+                    eprintln!("broker exited during the run:\n{}", b.log_tail());
+                }
+                b.stop();
+            }
+            let result = result?;
+            eprintln!("{}", compare::one_line(&result));
+            write_json(a.json.as_ref(), &result)?;
+            if result.delivered == 0 {
+                bail!("nothing was delivered");
+            }
+        }
+        Command::Idle(a) => {
+            let (target, mut broker, name) = resolve_target(&a.target, a.mqtt_v5)?;
+            let spec = idle::IdleSpec {
+                connections: a.connections,
+                mqtt_v5: a.mqtt_v5,
+                client_prefix: format!("st{}", std::process::id()),
+                threads: 4,
+                timeout: Duration::from_secs(120),
+                settle: Duration::from_millis(1000),
+                hold: secs(a.hold_secs, "--hold-secs")?,
+                progress: !a.quiet,
+                label: name,
+            };
+            let result = idle::run(&spec, target.addr, target.pid);
+            if let Some(b) = broker.as_mut() {
+                b.stop();
+            }
+            let result = result?;
+            eprintln!(
+                "idle: {} connected ({} failed) in {:.1}s; {} B/connection",
+                result.connected,
+                result.failed,
+                result.connect_secs,
+                result
+                    .bytes_per_connection
+                    .map_or("?".into(), |b| format!("{b:.0}"))
+            );
+            write_json(a.json.as_ref(), &result)?;
+            if result.failed > 0 {
+                bail!(
+                    "{} connections failed: {}",
+                    result.failed,
+                    result.first_error.unwrap_or_default()
+                );
+            }
+        }
+        Command::Compare(a) => {
+            if a.rounds == 0 || a.rounds > 20 {
+                bail!("--rounds must be 1..=20");
+            }
+            let load = load_spec(&a.scenario, a.settings.shards)?;
+            let spec = compare::CompareSpec {
+                brokers: a.brokers.clone(),
+                rounds: a.rounds,
+                load,
+                rate_per_sec: a.rate,
+                fixed_duration: secs(a.fixed_secs, "--fixed-secs")?,
+                max_duration: secs(a.max_secs, "--max-secs")?,
+                max_messages: a.max_messages,
+                window: a.scenario.window,
+                idle_connections: a.idle_connections,
+                out_dir: a.out.clone().unwrap_or_else(compare::default_out_dir),
+                paths: a.paths.clone(),
+                settings: a.settings.clone(),
+                command_line: std::env::args().collect::<Vec<_>>().join(" "),
+            };
+            compare::run(&spec)?;
+        }
+        Command::Crash => crash::run()?,
+    }
+    Ok(())
+}

@@ -1,0 +1,897 @@
+//! Publish/subscribe load: N publisher threads, M subscriber threads, one scenario.
+//!
+//! Every message carries, in its first 20 payload bytes, the time it was *meant* to be sent
+//! (nanoseconds since the run's epoch), its sequence number and its publisher's index. Latency is
+//! receive time minus intended send time, so a stalled broker (or a stalled load generator) shows
+//! up as latency instead of as fewer samples: no coordinated omission.
+//!
+//! Modes:
+//! - **fixed** (open loop): each publisher sends at `rate / N` per second on a fixed schedule,
+//!   whatever the broker does; late sends are sent as soon as possible with their original stamp.
+//! - **max** (closed loop): each publisher sends as fast as it can while at most `window` of its
+//!   messages are undelivered (counted end to end at the subscribers), the stamp is the actual send
+//!   time.
+//!
+//! Every run is bounded twice: by a message count and by a send duration, then by a drain timeout
+//! for messages still in flight. Figures are taken over the *measured window*, which starts after
+//! the warm-up (by intended send time) and ends at the last delivery.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::{self, JoinHandle, Thread};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{BufMut, Bytes, BytesMut};
+use flux_core::mqtt::{Packet, PacketId, ProtocolVersion, PubResp, Publish, QoS};
+use flux_core::topic::TopicName;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::client::{self, ConnectOptions, Reader, Writer};
+use crate::stats::{self, new_histogram, Percentiles};
+
+/// Bytes of the stamp at the start of every payload: intended send time, sequence, publisher.
+pub const STAMP_BYTES: usize = 20;
+/// Keep alive asked for by load connections: longer than any bounded run, so QoS 0 subscribers
+/// (which never send anything) are not timed out.
+pub const LOAD_KEEP_ALIVE_SECS: u16 = 900;
+/// Longest send phase accepted.
+pub const MAX_DURATION: Duration = Duration::from_secs(900);
+/// A publisher in max mode flushes once this much is buffered.
+const FLUSH_BYTES: usize = 16 * 1024;
+/// Closed loop: a window that makes no progress for this long is taken as lost messages (QoS 0
+/// may be dropped by a broker) and reopened, so a run never hangs on a loss.
+const WINDOW_STALL: Duration = Duration::from_millis(200);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// N publishers, N subscribers, publisher i -> subscriber i on its own topic.
+    P2p,
+    /// N publishers (default 1) -> one topic -> M subscribers (default 50).
+    Fanout,
+    /// N publishers (default 50) on N topics -> M subscribers (default 1) of a `+` filter.
+    Fanin,
+    /// N publishers (default 1) -> one topic -> `$share/stress/...` group of M subscribers.
+    Shared,
+}
+
+impl Scenario {
+    pub fn default_counts(self) -> (usize, usize) {
+        match self {
+            Scenario::P2p => (1, 1),
+            Scenario::Fanout => (1, 50),
+            Scenario::Fanin => (50, 1),
+            Scenario::Shared => (1, 4),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::P2p => "p2p",
+            Scenario::Fanout => "fanout",
+            Scenario::Fanin => "fanin",
+            Scenario::Shared => "shared",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Placement {
+    /// Client ids as generated; fluxd's FNV-1a hash decides their shards.
+    Any,
+    /// Client ids chosen so that connection k (publishers first, then subscribers) has its home on
+    /// shard k mod shards: 1->1 then always crosses shards.
+    Spread,
+    /// Every client id homes on shard 0: no cross-shard hop.
+    Same,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Mode {
+    Fixed { rate_per_sec: f64 },
+    Max { window: usize },
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadSpec {
+    pub scenario: Scenario,
+    pub publishers: usize,
+    pub subscribers: usize,
+    #[serde(serialize_with = "ser_qos")]
+    pub qos: QoS,
+    pub payload_bytes: usize,
+    pub mqtt_v5: bool,
+    pub mode: Mode,
+    /// Total across publishers.
+    pub messages: u64,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub drain: Duration,
+    /// Most unacknowledged QoS 1/2 publishes per publisher (also capped by the server's Receive
+    /// Maximum in MQTT 5).
+    pub inflight: u16,
+    pub placement: Placement,
+    /// Shard count used for [`Placement`] (fluxd's `--shards`).
+    pub flux_shards: u16,
+    pub topic_base: String,
+    pub client_prefix: String,
+    #[serde(skip)]
+    pub progress: bool,
+    pub label: String,
+}
+
+fn ser_qos<S: serde::Serializer>(q: &QoS, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u8(q.as_u8())
+}
+
+impl LoadSpec {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.publishers == 0 || self.subscribers == 0 {
+            bail!("need at least one publisher and one subscriber");
+        }
+        if self.scenario == Scenario::P2p && self.publishers != self.subscribers {
+            bail!("p2p pairs publisher i with subscriber i: publishers must equal subscribers");
+        }
+        if self.payload_bytes < STAMP_BYTES {
+            bail!("payload must hold the {STAMP_BYTES}-byte stamp");
+        }
+        if self.messages == 0 || self.duration.is_zero() || self.duration > MAX_DURATION {
+            bail!(
+                "messages must be > 0 and duration in (0, {}s]",
+                MAX_DURATION.as_secs()
+            );
+        }
+        if self.drain > Duration::from_secs(60) {
+            bail!("drain must be at most 60 s");
+        }
+        match self.mode {
+            Mode::Fixed { rate_per_sec }
+                if !(rate_per_sec > 0.0 && rate_per_sec <= 10_000_000.0) =>
+            {
+                bail!("rate must be in (0, 1e7]")
+            }
+            Mode::Max { window: 0 } => bail!("window must be > 0"),
+            _ => {}
+        }
+        if self.qos != QoS::AtMostOnce && self.inflight == 0 {
+            bail!("inflight must be > 0 for QoS 1/2");
+        }
+        Ok(())
+    }
+
+    fn version(&self) -> ProtocolVersion {
+        if self.mqtt_v5 {
+            ProtocolVersion::V5
+        } else {
+            ProtocolVersion::V311
+        }
+    }
+
+    /// Deliveries each publish should produce.
+    fn fanout_factor(&self) -> u64 {
+        match self.scenario {
+            Scenario::P2p | Scenario::Shared => 1,
+            Scenario::Fanout | Scenario::Fanin => self.subscribers as u64,
+        }
+    }
+
+    fn publish_topic(&self, publisher: usize) -> String {
+        let b = &self.topic_base;
+        match self.scenario {
+            Scenario::P2p => format!("{b}/p2p/{publisher}"),
+            Scenario::Fanout => format!("{b}/fanout"),
+            Scenario::Fanin => format!("{b}/fanin/{publisher}"),
+            Scenario::Shared => format!("{b}/shared"),
+        }
+    }
+
+    fn subscribe_filter(&self, subscriber: usize) -> String {
+        let b = &self.topic_base;
+        match self.scenario {
+            Scenario::P2p => format!("{b}/p2p/{subscriber}"),
+            Scenario::Fanout => format!("{b}/fanout"),
+            Scenario::Fanin => format!("{b}/fanin/+"),
+            Scenario::Shared => format!("$share/stress/{b}/shared"),
+        }
+    }
+
+    /// Client id of connection `k` (publishers 0..N, then subscribers), honouring the placement.
+    fn client_id(&self, role: &str, index: usize, k: usize) -> (String, u16) {
+        let shards = self.flux_shards.max(1);
+        let base = format!("{}-{role}{index}", self.client_prefix);
+        let want = match self.placement {
+            Placement::Any => None,
+            Placement::Spread => Some((k % usize::from(shards)) as u16),
+            Placement::Same => Some(0),
+        };
+        let Some(want) = want else {
+            let shard = flux_core::shard_for(base.as_bytes(), shards).0;
+            return (base, shard);
+        };
+        // A suffix search: each try lands on the wanted shard with probability 1/shards.
+        for n in 0u32.. {
+            let id = format!("{base}-{n}");
+            let shard = flux_core::shard_for(id.as_bytes(), shards).0;
+            if shard == want {
+                return (id, shard);
+            }
+        }
+        unreachable!("u32 suffixes cover every shard")
+    }
+}
+
+/// Where the load goes, and the broker process to watch (CPU, RSS) when known.
+#[derive(Clone, Copy, Debug)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub pid: Option<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct LoadResult {
+    pub label: String,
+    pub scenario: String,
+    pub mode: String,
+    pub qos: u8,
+    pub payload_bytes: usize,
+    pub publishers: usize,
+    pub subscribers: usize,
+    pub offered_rate_per_sec: Option<f64>,
+    pub window: Option<usize>,
+    /// "count" or "time": which bound ended the send phase.
+    pub stopped_by: String,
+    pub sent: u64,
+    pub expected_deliveries: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    /// Deliveries whose sequence number was not above the last one seen from that publisher by
+    /// that subscriber (duplicates, or reordering).
+    pub dup_or_reorder: u64,
+    pub measured_deliveries: u64,
+    pub measured_secs: f64,
+    pub delivered_per_sec: f64,
+    /// Receive time minus intended send time, measured window only.
+    pub latency: Percentiles,
+    /// Actual minus intended send time: the load generator's own lateness (fixed mode).
+    pub send_lag: Percentiles,
+    pub broker_cpu_us: Option<f64>,
+    pub broker_cpu_us_per_msg: Option<f64>,
+    pub broker_rss_bytes: Option<u64>,
+    /// fluxd home shard of each publisher / subscriber (by client id hash).
+    pub publisher_shards: Vec<u16>,
+    pub subscriber_shards: Vec<u16>,
+}
+
+/// Counters shared by all threads of one run.
+struct Shared {
+    epoch: Instant,
+    /// Intended send time (ns since epoch) from which messages are measured.
+    measure_from_ns: u64,
+    sent: Vec<AtomicU64>,
+    delivered: Vec<AtomicU64>,
+    measured_delivered: AtomicU64,
+    last_delivery_ns: AtomicU64,
+    /// Publisher threads, for unparking when their window or inflight frees up.
+    publisher_threads: Vec<OnceLock<Thread>>,
+    waiting: Vec<AtomicBool>,
+    /// Stop sending (time bound hit elsewhere or an error).
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.epoch.elapsed().as_nanos() as u64
+    }
+
+    fn wake_publisher(&self, i: usize) {
+        if let Some(w) = self.waiting.get(i) {
+            if w.swap(false, Ordering::AcqRel) {
+                if let Some(t) = self.publisher_threads.get(i).and_then(|t| t.get()) {
+                    t.unpark();
+                }
+            }
+        }
+    }
+
+    fn total_sent(&self) -> u64 {
+        self.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum()
+    }
+
+    fn total_delivered(&self) -> u64 {
+        self.delivered
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+struct SubOutcome {
+    latency: Histogram<u64>,
+    dup_or_reorder: u64,
+    error: Option<String>,
+}
+
+struct PubOutcome {
+    send_lag: Histogram<u64>,
+    stopped_by_time: bool,
+    error: Option<String>,
+}
+
+/// Runs one load against `target`. Connects everything first, then publishes, drains, and
+/// disconnects. Errors only for setup failures; losses and slow brokers are results.
+pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
+    spec.validate()?;
+    let version = spec.version();
+    let timeout = Duration::from_secs(10);
+    let n = spec.publishers;
+    let m = spec.subscribers;
+
+    // Subscribers first, each SUBACKed before any publisher connects.
+    let mut subscribers = Vec::with_capacity(m);
+    let mut subscriber_shards = Vec::with_capacity(m);
+    for j in 0..m {
+        let (id, shard) = spec.client_id("sub", j, n + j);
+        let (mut reader, mut writer, _) = client::connect(&ConnectOptions {
+            addr: target.addr,
+            bind: None,
+            client_id: &id,
+            version,
+            keep_alive_secs: LOAD_KEEP_ALIVE_SECS,
+            timeout,
+        })?;
+        client::subscribe(
+            &mut reader,
+            &mut writer,
+            &spec.subscribe_filter(j),
+            spec.qos,
+            timeout,
+        )
+        .with_context(|| format!("subscriber {id}"))?;
+        subscribers.push((reader, writer));
+        subscriber_shards.push(shard);
+    }
+    let mut publishers = Vec::with_capacity(n);
+    let mut publisher_shards = Vec::with_capacity(n);
+    for i in 0..n {
+        let (id, shard) = spec.client_id("pub", i, i);
+        let (reader, writer, connack) = client::connect(&ConnectOptions {
+            addr: target.addr,
+            bind: None,
+            client_id: &id,
+            version,
+            keep_alive_secs: LOAD_KEEP_ALIVE_SECS,
+            timeout,
+        })?;
+        let server_receive_max = connack.properties.receive_maximum.unwrap_or(u16::MAX);
+        let inflight = spec.inflight.min(server_receive_max).max(1);
+        publishers.push((reader, writer, inflight));
+        publisher_shards.push(shard);
+    }
+
+    // Publishing starts at the same instant for everyone, a little after the threads exist.
+    let epoch = Instant::now();
+    let start_ns = Duration::from_millis(50).as_nanos() as u64;
+    let shared = Arc::new(Shared {
+        epoch,
+        measure_from_ns: start_ns + spec.warmup.as_nanos() as u64,
+        sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        delivered: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        measured_delivered: AtomicU64::new(0),
+        last_delivery_ns: AtomicU64::new(0),
+        publisher_threads: (0..n).map(|_| OnceLock::new()).collect(),
+        waiting: (0..n).map(|_| AtomicBool::new(false)).collect(),
+        stop: AtomicBool::new(false),
+    });
+
+    let mut sub_closers: Vec<TcpStream> = Vec::with_capacity(m);
+    let mut sub_threads: Vec<JoinHandle<SubOutcome>> = Vec::with_capacity(m);
+    for (j, (reader, writer)) in subscribers.into_iter().enumerate() {
+        sub_closers.push(reader.stream().try_clone()?);
+        let shared = shared.clone();
+        let publishers = n;
+        sub_threads.push(
+            thread::Builder::new()
+                .name(format!("sub{j}"))
+                .spawn(move || subscriber_main(reader, writer, &shared, publishers))?,
+        );
+    }
+
+    let per_pub = spec.messages / n as u64;
+    let extra = spec.messages % n as u64;
+    let mut pub_writers: Vec<Arc<Mutex<Writer>>> = Vec::with_capacity(n);
+    let mut pub_threads: Vec<JoinHandle<PubOutcome>> = Vec::with_capacity(n);
+    let mut ack_threads: Vec<JoinHandle<()>> = Vec::new();
+    for (i, (reader, writer, inflight)) in publishers.into_iter().enumerate() {
+        let writer = Arc::new(Mutex::new(writer));
+        pub_writers.push(writer.clone());
+        let outstanding = Arc::new(AtomicU32::new(0));
+        if spec.qos != QoS::AtMostOnce {
+            let (shared, writer, outstanding) =
+                (shared.clone(), writer.clone(), outstanding.clone());
+            ack_threads.push(
+                thread::Builder::new()
+                    .name(format!("ack{i}"))
+                    .spawn(move || ack_reader_main(reader, &writer, &outstanding, &shared, i))?,
+            );
+        } else {
+            drop(reader);
+        }
+        let job = PubJob {
+            index: i,
+            count: per_pub + u64::from((i as u64) < extra),
+            topic: TopicName::new(&spec.publish_topic(i)).map_err(|e| anyhow::anyhow!("{e:?}"))?,
+            qos: spec.qos,
+            payload_bytes: spec.payload_bytes,
+            mode: spec.mode,
+            publishers: n,
+            start_ns,
+            deadline_ns: start_ns + spec.duration.as_nanos() as u64,
+            inflight_cap: u32::from(inflight),
+            fanout: spec.fanout_factor(),
+        };
+        let shared2 = shared.clone();
+        let handle = thread::Builder::new()
+            .name(format!("pub{i}"))
+            .spawn(move || publisher_main(job, &writer, &outstanding, &shared2))?;
+        let _ = shared.publisher_threads[i].set(handle.thread().clone());
+        pub_threads.push(handle);
+    }
+    // A publisher may have parked before its Thread was registered; wake everyone once.
+    for i in 0..n {
+        shared.waiting[i].store(true, Ordering::Release);
+        shared.wake_publisher(i);
+    }
+
+    // CPU at the start of the measured window.
+    let sleep_until = |ns: u64| {
+        let now = shared.now_ns();
+        if ns > now {
+            thread::sleep(Duration::from_nanos(ns - now));
+        }
+    };
+    sleep_until(shared.measure_from_ns);
+    let cpu_start = target.pid.and_then(stats::process_cpu);
+
+    // Send phase, with progress. Publishers stop themselves on count or time; the extra second
+    // here is a backstop against a publisher stuck in a write.
+    let hard_stop = Instant::now() + spec.duration + Duration::from_secs(1);
+    let mut last_report = Instant::now();
+    let mut last_delivered = 0u64;
+    while pub_threads.iter().any(|t| !t.is_finished()) {
+        if Instant::now() >= hard_stop {
+            shared.stop.store(true, Ordering::Release);
+        }
+        thread::sleep(Duration::from_millis(50));
+        if spec.progress && last_report.elapsed() >= Duration::from_secs(2) {
+            let d = shared.total_delivered();
+            let secs = last_report.elapsed().as_secs_f64();
+            eprintln!(
+                "  [{}] t={:.1}s sent={} delivered={} ({:.0}/s)",
+                spec.label,
+                epoch.elapsed().as_secs_f64(),
+                shared.total_sent(),
+                d,
+                (d - last_delivered) as f64 / secs
+            );
+            last_delivered = d;
+            last_report = Instant::now();
+        }
+    }
+    let mut send_lag = new_histogram();
+    let mut stopped_by_time = false;
+    let mut errors = Vec::new();
+    for t in pub_threads {
+        match t.join() {
+            Ok(o) => {
+                let _ = send_lag.add(&o.send_lag);
+                stopped_by_time |= o.stopped_by_time;
+                errors.extend(o.error);
+            }
+            Err(_) => errors.push("publisher thread panicked".into()),
+        }
+    }
+
+    // Drain: wait for what is in flight, bounded.
+    let expected = shared.total_sent() * spec.fanout_factor();
+    let drain_until = Instant::now() + spec.drain;
+    while shared.total_delivered() < expected && Instant::now() < drain_until {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let cpu_end = target.pid.and_then(stats::process_cpu);
+    let rss = target.pid.and_then(stats::process_rss_bytes);
+
+    // Disconnect everyone; closing the sockets ends the reading threads.
+    for w in &pub_writers {
+        if let Ok(mut w) = w.lock() {
+            w.disconnect();
+        }
+    }
+    for t in ack_threads {
+        let _ = t.join();
+    }
+    for s in &sub_closers {
+        use std::io::Write;
+        let mut s = s;
+        let _ = s.write_all(&[0xE0, 0x00]);
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+    let mut latency = new_histogram();
+    let mut dup_or_reorder = 0;
+    for t in sub_threads {
+        match t.join() {
+            Ok(o) => {
+                let _ = latency.add(&o.latency);
+                dup_or_reorder += o.dup_or_reorder;
+                errors.extend(o.error);
+            }
+            Err(_) => errors.push("subscriber thread panicked".into()),
+        }
+    }
+    for e in &errors {
+        eprintln!("  [{}] warning: {e}", spec.label);
+    }
+
+    let delivered = shared.total_delivered();
+    let measured = shared.measured_delivered.load(Ordering::Relaxed);
+    let last = shared.last_delivery_ns.load(Ordering::Relaxed);
+    let measured_secs = last.saturating_sub(shared.measure_from_ns) as f64 / 1e9;
+    let cpu_us = match (cpu_start, cpu_end) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a).as_nanos() as f64 / 1000.0),
+        _ => None,
+    };
+    Ok(LoadResult {
+        label: spec.label.clone(),
+        scenario: spec.scenario.name().into(),
+        mode: match spec.mode {
+            Mode::Fixed { .. } => "fixed".into(),
+            Mode::Max { .. } => "max".into(),
+        },
+        qos: spec.qos.as_u8(),
+        payload_bytes: spec.payload_bytes,
+        publishers: n,
+        subscribers: m,
+        offered_rate_per_sec: match spec.mode {
+            Mode::Fixed { rate_per_sec } => Some(rate_per_sec),
+            Mode::Max { .. } => None,
+        },
+        window: match spec.mode {
+            Mode::Max { window } => Some(window),
+            Mode::Fixed { .. } => None,
+        },
+        stopped_by: if stopped_by_time { "time" } else { "count" }.into(),
+        sent: shared.total_sent(),
+        expected_deliveries: expected,
+        delivered,
+        lost: expected.saturating_sub(delivered),
+        dup_or_reorder,
+        measured_deliveries: measured,
+        measured_secs,
+        delivered_per_sec: if measured_secs > 0.0 {
+            measured as f64 / measured_secs
+        } else {
+            0.0
+        },
+        latency: Percentiles::of(&latency),
+        send_lag: Percentiles::of(&send_lag),
+        broker_cpu_us: cpu_us,
+        broker_cpu_us_per_msg: cpu_us.filter(|_| measured > 0).map(|c| c / measured as f64),
+        broker_rss_bytes: rss,
+        publisher_shards,
+        subscriber_shards,
+    })
+}
+
+struct PubJob {
+    index: usize,
+    count: u64,
+    topic: TopicName,
+    qos: QoS,
+    payload_bytes: usize,
+    mode: Mode,
+    publishers: usize,
+    start_ns: u64,
+    deadline_ns: u64,
+    inflight_cap: u32,
+    fanout: u64,
+}
+
+fn set_fine_timer_slack() {
+    // 1 µs timer slack for this thread: `sleep` then wakes within microseconds, not the default
+    // 50 µs. Best effort.
+    // SAFETY: PR_SET_TIMERSLACK takes one integer argument and touches only this thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+fn publisher_main(
+    job: PubJob,
+    writer: &Mutex<Writer>,
+    outstanding: &AtomicU32,
+    shared: &Shared,
+) -> PubOutcome {
+    set_fine_timer_slack();
+    let mut send_lag = new_histogram();
+    let mut out = PubOutcome {
+        send_lag: new_histogram(),
+        stopped_by_time: false,
+        error: None,
+    };
+    let i = job.index;
+    // Spread the publishers' schedules over one period so they do not all fire together.
+    let (period_ns, offset_ns) = match job.mode {
+        Mode::Fixed { rate_per_sec } => {
+            let per_pub = rate_per_sec / job.publishers as f64;
+            let period = 1e9 / per_pub;
+            (period, period * i as f64 / job.publishers as f64)
+        }
+        Mode::Max { .. } => (0.0, 0.0),
+    };
+    let window = match job.mode {
+        Mode::Max { window } => Some(window as u64 * job.fanout),
+        Mode::Fixed { .. } => None,
+    };
+    let mut packet_id = PacketId::new(1).expect("1 is a valid packet id");
+    let mut padding = BytesMut::with_capacity(job.payload_bytes);
+    padding.resize(job.payload_bytes, 0);
+    let padding = padding.freeze();
+
+    // Wait for the common start.
+    let now = shared.now_ns();
+    if job.start_ns > now {
+        thread::sleep(Duration::from_nanos(job.start_ns - now));
+    }
+    let mut sent = 0u64;
+    let mut window_base = 0u64; // deliveries written off as lost after a stall
+    let mut stall_since: Option<Instant> = None;
+    let mut guard: Option<std::sync::MutexGuard<'_, Writer>> = None;
+    while sent < job.count {
+        if shared.stop.load(Ordering::Acquire) {
+            out.stopped_by_time = true;
+            break;
+        }
+        let intended = match job.mode {
+            Mode::Fixed { .. } => {
+                let t = job.start_ns + (offset_ns + period_ns * sent as f64) as u64;
+                let now = shared.now_ns();
+                if t > now {
+                    // Flush anything buffered before sleeping.
+                    drop(guard.take());
+                    thread::sleep(Duration::from_nanos(t - now));
+                }
+                t
+            }
+            Mode::Max { .. } => shared.now_ns(),
+        };
+        if intended >= job.deadline_ns {
+            out.stopped_by_time = true;
+            break;
+        }
+        // Closed loop: wait while the end-to-end window is full.
+        if let Some(window) = window {
+            loop {
+                let delivered = shared.delivered[i].load(Ordering::Acquire) + window_base;
+                if sent * job.fanout < delivered + window {
+                    stall_since = None;
+                    break;
+                }
+                if let Some(mut w) = guard.take() {
+                    if let Err(e) = flush(&mut w) {
+                        out.error = Some(e);
+                        return finish(out, send_lag);
+                    }
+                }
+                let since = *stall_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > WINDOW_STALL {
+                    window_base = (sent * job.fanout).saturating_sub(delivered - window_base);
+                    stall_since = None;
+                    continue;
+                }
+                if shared.now_ns() >= job.deadline_ns || shared.stop.load(Ordering::Acquire) {
+                    break;
+                }
+                shared.waiting[i].store(true, Ordering::Release);
+                thread::park_timeout(Duration::from_millis(1));
+            }
+        }
+        // QoS 1/2: wait for an inflight slot.
+        if job.qos != QoS::AtMostOnce {
+            while outstanding.load(Ordering::Acquire) >= job.inflight_cap {
+                if let Some(mut w) = guard.take() {
+                    if let Err(e) = flush(&mut w) {
+                        out.error = Some(e);
+                        return finish(out, send_lag);
+                    }
+                }
+                if shared.stop.load(Ordering::Acquire) {
+                    break;
+                }
+                shared.waiting[i].store(true, Ordering::Release);
+                thread::park_timeout(Duration::from_millis(1));
+            }
+        }
+        let now = shared.now_ns();
+        if now >= job.deadline_ns {
+            out.stopped_by_time = true;
+            break;
+        }
+        let _ = send_lag.record(now.saturating_sub(intended).max(1));
+        let mut payload = BytesMut::with_capacity(job.payload_bytes);
+        payload.put_u64_le(intended);
+        payload.put_u64_le(sent);
+        payload.put_u32_le(i as u32);
+        payload.extend_from_slice(&padding[STAMP_BYTES..]);
+        let pid = if job.qos == QoS::AtMostOnce {
+            None
+        } else {
+            outstanding.fetch_add(1, Ordering::AcqRel);
+            let id = packet_id;
+            packet_id = packet_id.next();
+            Some(id)
+        };
+        let publish = Packet::Publish(Publish {
+            dup: false,
+            qos: job.qos,
+            retain: false,
+            topic: job.topic.clone(),
+            packet_id: pid,
+            properties: Default::default(),
+            payload: payload.freeze(),
+        });
+        let mut w = match guard.take() {
+            Some(w) => w,
+            None => match writer.lock() {
+                Ok(w) => w,
+                Err(_) => {
+                    out.error = Some("writer lock poisoned".into());
+                    break;
+                }
+            },
+        };
+        w.push(&publish);
+        sent += 1;
+        shared.sent[i].store(sent, Ordering::Release);
+        // Fixed rate: every message goes out at once. Max rate: batch up to FLUSH_BYTES.
+        if matches!(job.mode, Mode::Fixed { .. }) || w.buffered_bytes() >= FLUSH_BYTES {
+            if let Err(e) = flush(&mut w) {
+                out.error = Some(e);
+                break;
+            }
+        } else {
+            guard = Some(w);
+        }
+    }
+    if let Some(mut w) = guard.take() {
+        if let Err(e) = flush(&mut w) {
+            out.error = Some(e);
+        }
+    }
+    finish(out, send_lag)
+}
+
+fn flush(w: &mut Writer) -> Result<(), String> {
+    w.flush().map_err(|e| format!("publish write failed: {e}"))
+}
+
+fn finish(mut out: PubOutcome, send_lag: Histogram<u64>) -> PubOutcome {
+    out.send_lag = send_lag;
+    out
+}
+
+/// Reads a publisher's acknowledgements: PUBACK/PUBCOMP free an inflight slot, PUBREC is
+/// answered with PUBREL.
+fn ack_reader_main(
+    mut reader: Reader,
+    writer: &Mutex<Writer>,
+    outstanding: &AtomicU32,
+    shared: &Shared,
+    index: usize,
+) {
+    loop {
+        let packet = match reader.recv() {
+            Ok(Some(p)) => p,
+            Ok(None) | Err(_) => return,
+        };
+        match packet {
+            Packet::PubAck(_) | Packet::PubComp(_) => {
+                outstanding.fetch_sub(1, Ordering::AcqRel);
+                shared.wake_publisher(index);
+            }
+            Packet::PubRec(r) => {
+                if let Ok(mut w) = writer.lock() {
+                    w.push(&Packet::PubRel(PubResp::success(r.packet_id)));
+                    if w.flush().is_err() {
+                        return;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn subscriber_main(
+    mut reader: Reader,
+    mut writer: Writer,
+    shared: &Shared,
+    publishers: usize,
+) -> SubOutcome {
+    let mut out = SubOutcome {
+        latency: new_histogram(),
+        dup_or_reorder: 0,
+        error: None,
+    };
+    let mut next_seq = vec![0u64; publishers];
+    loop {
+        loop {
+            let packet = match reader.try_decode() {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    out.error = Some(format!("subscriber: {e}"));
+                    return out;
+                }
+            };
+            match packet {
+                Packet::Publish(p) => {
+                    let now = shared.now_ns();
+                    on_delivery(&p.payload, now, shared, &mut next_seq, &mut out);
+                    match (p.qos, p.packet_id) {
+                        (QoS::AtLeastOnce, Some(id)) => {
+                            writer.push(&Packet::PubAck(PubResp::success(id)))
+                        }
+                        (QoS::ExactlyOnce, Some(id)) => {
+                            writer.push(&Packet::PubRec(PubResp::success(id)))
+                        }
+                        _ => {}
+                    }
+                }
+                Packet::PubRel(r) => writer.push(&Packet::PubComp(PubResp::success(r.packet_id))),
+                _ => {}
+            }
+        }
+        if writer.flush().is_err() {
+            return out;
+        }
+        match reader.fill() {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return out,
+        }
+    }
+}
+
+fn on_delivery(
+    payload: &Bytes,
+    now: u64,
+    shared: &Shared,
+    next_seq: &mut [u64],
+    out: &mut SubOutcome,
+) {
+    let Some(stamp) = payload.get(..STAMP_BYTES) else {
+        return;
+    };
+    let intended = u64::from_le_bytes(stamp[0..8].try_into().unwrap_or_default());
+    let seq = u64::from_le_bytes(stamp[8..16].try_into().unwrap_or_default());
+    let publisher = u32::from_le_bytes(stamp[16..20].try_into().unwrap_or_default()) as usize;
+    let Some(counter) = shared.delivered.get(publisher) else {
+        return;
+    };
+    counter.fetch_add(1, Ordering::AcqRel);
+    shared.wake_publisher(publisher);
+    shared.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
+    if let Some(next) = next_seq.get_mut(publisher) {
+        if seq < *next {
+            out.dup_or_reorder += 1;
+        }
+        *next = (*next).max(seq + 1);
+    }
+    if intended >= shared.measure_from_ns {
+        shared.measured_delivered.fetch_add(1, Ordering::Relaxed);
+        let _ = out.latency.record(now.saturating_sub(intended).max(1));
+    }
+}
