@@ -246,6 +246,18 @@ fn mqtt5_3_3_2_3_2_payload_format_1_with_invalid_utf8_refused_0x99() {
 }
 
 #[test]
+fn mqtt5_3_3_2_3_2_qos0_payload_format_1_with_invalid_utf8_closes_with_0x99() {
+    let (mut s, now) = v5();
+    let mut p = publish("a", b"\xff\xfe", QoS::AtMostOnce, None);
+    p.properties.payload_format_indicator = Some(1);
+    let mut out = Outbox::default();
+    let close = s.handle(Packet::Publish(p), now, &mut out).unwrap_err();
+    assert_eq!(close.reason, ReasonCode::PayloadFormatInvalid);
+    assert!(close.send_disconnect);
+    assert!(out.events.is_empty(), "an invalid payload is not routed");
+}
+
+#[test]
 fn mqtt5_3_3_2_3_2_payload_format_1_with_valid_utf8_is_routed_with_indicator() {
     let (mut s, now) = v5();
     let mut p = publish("a", "héllo".as_bytes(), QoS::AtMostOnce, None);

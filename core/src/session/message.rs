@@ -24,8 +24,9 @@ pub struct Publication {
     pub properties: Properties,
     /// When the message expiry interval runs out; `None`: never.
     pub expires_at: Option<Instant>,
-    /// Client identifier of the publisher, for No Local (MQTT 5 3.8.3.1); `None` for wills of
-    /// sessions and other server-made messages that should reach everyone.
+    /// Client identifier of the publisher, for No Local (MQTT 5 3.8.3.1). A will carries the id of
+    /// the client it belongs to (it is that client's message); `None` is for messages the server
+    /// makes itself, which reach every subscriber.
     pub publisher: Option<Arc<str>>,
 }
 

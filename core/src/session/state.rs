@@ -555,8 +555,11 @@ impl Session {
                     QoS::ExactlyOnce => Packet::PubRec(resp),
                     _ => Packet::PubAck(resp),
                 });
+                return Ok(());
             }
-            return Ok(());
+            // QoS 0 has no acknowledgement to carry 0x99: the connection closes with it
+            // (MQTT 5 3.3.2.3.2), rather than dropping the message without a word.
+            return Err(Close::error(ReasonCode::PayloadFormatInvalid));
         }
         let expires_at = p
             .properties
