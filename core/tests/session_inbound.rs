@@ -378,3 +378,18 @@ fn mqtt5_3_4_puback_for_unknown_id_is_ignored() {
     let out = handle_ok(&mut s, Packet::PubAck(PubResp::success(pid(42))), now);
     assert!(out.packets.is_empty() && out.events.is_empty());
 }
+
+#[test]
+fn mqtt5_3_14_2_2_2_disconnect_expiry_judged_by_what_connect_asked_not_the_cap() {
+    // The server caps every session to expiry 0; the client asked for 60 s, so setting an
+    // expiry on DISCONNECT is allowed (and capped again), not a Protocol Error.
+    let limits = Limits { max_session_expiry_secs: 0, ..Limits::default() };
+    let c = connect_v5_persistent("capped", 60);
+    let (mut s, _) = online(&c, &limits, Instant::now());
+    let mut d = Disconnect::new(ReasonCode::Success);
+    d.properties.session_expiry_interval = Some(30);
+    let mut out = Outbox::default();
+    let close = s.handle(Packet::Disconnect(d), Instant::now(), &mut out).unwrap_err();
+    assert_eq!(close.reason, ReasonCode::Success);
+    assert!(!close.send_disconnect);
+}

@@ -98,6 +98,12 @@ pub fn negotiate(
 }
 
 impl Negotiated {
+    /// Whether the client asked for session expiry 0 (the granted value may be capped lower
+    /// than what was asked, never raised).
+    pub fn requested_expiry_zero(&self) -> bool {
+        self.session_expiry_secs == 0 && !self.expiry_changed
+    }
+
     /// The CONNACK for an accepted connection.
     pub fn connack(&self, session_present: bool, limits: &Limits) -> ConnAck {
         let mut properties = Properties::default();

@@ -131,6 +131,9 @@ pub struct Session {
     /// Keyed by the filter text as subscribed (with `$share/<group>/` when shared).
     subscriptions: HashMap<String, Subscription>,
     session_expiry_secs: u32,
+    /// The client's CONNECT asked for expiry 0 (before any server cap): it may then not set a
+    /// nonzero expiry in DISCONNECT (MQTT 5 3.14.2.2.2).
+    requested_expiry_zero: bool,
     inflight_out: VecDeque<OutFlight>,
     queue: VecDeque<Delivery>,
     next_packet_id: PacketId,
@@ -169,6 +172,7 @@ impl Session {
             limits: limits.clone(),
             subscriptions: HashMap::new(),
             session_expiry_secs: negotiated.session_expiry_secs,
+            requested_expiry_zero: negotiated.requested_expiry_zero(),
             inflight_out: VecDeque::new(),
             queue: VecDeque::new(),
             next_packet_id: PacketId::new(1).unwrap_or(PacketId(std::num::NonZeroU16::MIN)),
@@ -218,6 +222,7 @@ impl Session {
     pub fn attach(&mut self, negotiated: &Negotiated, now: Instant, out: &mut Outbox) {
         self.protocol = negotiated.protocol;
         self.session_expiry_secs = negotiated.session_expiry_secs;
+        self.requested_expiry_zero = negotiated.requested_expiry_zero();
         self.will = negotiated.will.clone();
         self.pending_will = None;
         self.expires_at = None;
@@ -635,7 +640,7 @@ impl Session {
 
     fn on_disconnect(&mut self, d: Disconnect) -> Close {
         if let Some(expiry) = d.properties.session_expiry_interval {
-            if self.session_expiry_secs == 0 && expiry != 0 {
+            if self.requested_expiry_zero && expiry != 0 {
                 // MQTT 5 3.14.2.2.2: cannot turn a non-persistent session persistent on the way out.
                 return Close::error(ReasonCode::ProtocolError);
             }
