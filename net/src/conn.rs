@@ -5,7 +5,10 @@
 //! Runs on the session's home shard. A connection accepted elsewhere is handed over right after
 //! its CONNECT is decoded, before any session state is touched.
 
+use std::cell::RefCell;
+use std::pin::Pin;
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -15,12 +18,20 @@ use flux_shard::broker::{Broker, ConnectionPermit};
 use flux_shard::handover::SocketHandover;
 use flux_shard::msg::ShardMsg;
 use flux_shard::outbound::Outbound;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use std::os::fd::AsRawFd;
 
-/// Bytes read from the socket per read call; the receive buffer grows by this much at a time.
-const READ_CHUNK_BYTES: usize = 4096;
+/// Size of the per-shard scratch buffer reads land in; the largest single read.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    /// One scratch buffer per shard thread. glommio's non-buffered `poll_read` calls `recv` only
+    /// inside `poll` and waits for readiness without a buffer, so a connection waiting for data
+    /// holds no receive memory at all: bytes are copied from here into its own buffer only when
+    /// they arrive.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH_BYTES].into_boxed_slice());
+}
 
 enum Read {
     Data,
@@ -29,43 +40,59 @@ enum Read {
     Failed(std::io::Error),
 }
 
-async fn read_some<R: futures_lite::AsyncRead + Unpin>(r: &mut R, buf: &mut BytesMut, timeout: Option<Duration>) -> Read {
-    let start = buf.len();
-    buf.resize(start + READ_CHUNK_BYTES, 0);
-    let read = async {
-        match r.read(&mut buf[start..]).await {
-            Ok(0) => Read::Eof,
-            Ok(n) => {
-                buf.truncate(start + n);
-                return Read::Data;
+/// Wait for bytes and append them to `buf`. The stream is borrowed only inside `poll`, so the
+/// writer task can use it between polls. A read timeout set on the stream ends the wait with
+/// `TimedOut`.
+async fn read_some(stream: &RefCell<TcpStream>, buf: &mut BytesMut) -> Read {
+    std::future::poll_fn(|cx| {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut s = stream.borrow_mut();
+            match Pin::new(&mut *s).poll_read(cx, &mut scratch[..]) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(0)) => Poll::Ready(Read::Eof),
+                Poll::Ready(Ok(n)) => {
+                    buf.extend_from_slice(&scratch[..n]);
+                    Poll::Ready(Read::Data)
+                }
+                Poll::Ready(Err(e)) if e.kind() == std::io::ErrorKind::TimedOut => Poll::Ready(Read::TimedOut),
+                Poll::Ready(Err(e)) => Poll::Ready(Read::Failed(e)),
             }
-            Err(e) => Read::Failed(e),
+        })
+    })
+    .await
+}
+
+/// Write all of `data`, borrowing the stream only inside `poll`.
+async fn write_all(stream: &RefCell<TcpStream>, data: &[u8]) -> std::io::Result<()> {
+    let mut written = 0;
+    while written < data.len() {
+        let n = std::future::poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &data[written..])).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
         }
-    };
-    let outcome = match timeout {
-        Some(d) => {
-            futures_lite::future::or(read, async {
-                glommio::timer::sleep(d).await;
-                Read::TimedOut
-            })
-            .await
-        }
-        None => read.await,
-    };
-    if !matches!(outcome, Read::Data) {
-        buf.truncate(start);
+        written += n;
     }
-    outcome
+    Ok(())
+}
+
+fn set_read_timeout(stream: &RefCell<TcpStream>, timeout: Option<Duration>) {
+    // glommio refuses a zero duration; the smallest wait stands in for "already due".
+    let timeout = timeout.map(|d| d.max(Duration::from_millis(1)));
+    if let Err(e) = stream.borrow().set_read_timeout(timeout) {
+        tracing::debug!(error = %e, "set_read_timeout failed");
+    }
 }
 
 /// Serve a socket accepted on this shard, or handed over to it (`already_read` then holds the
 /// CONNECT and whatever followed it).
-pub async fn serve(broker: Rc<Broker>, mut stream: TcpStream, already_read: Bytes) {
+pub async fn serve(broker: Rc<Broker>, stream: TcpStream, already_read: Bytes) {
     let peer = stream.peer_addr().ok();
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(error = %e, "set_nodelay failed");
     }
     let limits = broker.limits().clone();
+    let stream = RefCell::new(stream);
     let mut buf = BytesMut::from(&already_read[..]);
     let mut decoder = Decoder::new(limits.max_packet_size_bytes as usize);
     let connect_timeout = Duration::from_secs(u64::from(limits.connect_timeout_secs));
@@ -82,12 +109,12 @@ pub async fn serve(broker: Rc<Broker>, mut stream: TcpStream, already_read: Byte
             Ok(None) => {}
             Err(e) => {
                 tracing::info!(?peer, error = %e, "bad CONNECT; closing");
-                refuse_bad_connect(&mut stream, &e).await;
+                refuse_bad_connect(&stream, &e).await;
                 return;
             }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match read_some(&mut stream, &mut buf, Some(left)).await {
+        set_read_timeout(&stream, Some(deadline.saturating_duration_since(Instant::now())));
+        match read_some(&stream, &mut buf).await {
             Read::Data => {}
             Read::TimedOut => {
                 tracing::info!(?peer, timeout_secs = limits.connect_timeout_secs, "no CONNECT in time; closing");
@@ -110,7 +137,7 @@ pub async fn serve(broker: Rc<Broker>, mut stream: TcpStream, already_read: Byte
         let version = connect.protocol;
         encode_packet(&Packet::Connect(connect), version, &mut bytes);
         bytes.extend_from_slice(&buf);
-        match SocketHandover::from_stream(stream, bytes.freeze()) {
+        match SocketHandover::from_stream(stream.into_inner(), bytes.freeze()) {
             Ok(h) => broker.mesh().send(home, ShardMsg::Handover(h)),
             Err(e) => tracing::warn!(error = %e, "socket handover failed (dup)"),
         }
@@ -121,41 +148,40 @@ pub async fn serve(broker: Rc<Broker>, mut stream: TcpStream, already_read: Byte
     let Some(permit) = broker.try_acquire_connection() else {
         tracing::warn!(?peer, max_connections = limits.max_connections, "connection refused: max_connections reached");
         let reason = if version.is_v5() { ReasonCode::QuotaExceeded } else { ReasonCode::ServerUnavailable };
-        write_connack(&mut stream, version, connack_refusal(reason)).await;
+        write_connack(&stream, version, connack_refusal(reason)).await;
         return;
     };
     let negotiated = match negotiate(&connect, &limits, || broker.assign_client_id()) {
         Ok(n) => n,
         Err(reason) => {
             tracing::info!(?peer, client_id = %connect.client_id, ?reason, "CONNECT refused");
-            write_connack(&mut stream, version, connack_refusal(reason)).await;
+            write_connack(&stream, version, connack_refusal(reason)).await;
             return;
         }
     };
     drop(connect);
-    run_session(broker, stream, buf, decoder, negotiated, permit).await;
+    run_session(broker, Rc::new(stream), buf, decoder, negotiated, permit).await;
 }
 
 async fn run_session(
     broker: Rc<Broker>,
-    stream: TcpStream,
+    stream: Rc<RefCell<TcpStream>>,
     mut buf: BytesMut,
     mut decoder: Decoder,
     negotiated: flux_core::session::Negotiated,
     _permit: ConnectionPermit,
 ) {
     let client_id = negotiated.client_id.clone();
-    let conn = Rc::new(Outbound::new(negotiated.protocol, stream.as_raw_fd()));
+    let conn = Rc::new(Outbound::new(negotiated.protocol, stream.borrow().as_raw_fd()));
     let opened = broker.open_session(&negotiated, conn.clone(), Instant::now());
     tracing::debug!(client_id = %client_id, shard = %broker.me(), session_present = opened.session_present, "client connected");
-    let (mut reader, mut writer) = futures_lite::io::split(stream);
-
     let writer_conn = conn.clone();
+    let writer_stream = stream.clone();
     let writer_task = glommio::spawn_local(async move {
         loop {
             let data = writer_conn.take();
             if !data.is_empty() {
-                if writer.write_all(&data).await.is_err() || writer.flush().await.is_err() {
+                if write_all(&writer_stream, &data).await.is_err() {
                     writer_conn.shutdown_socket();
                     break;
                 }
@@ -173,6 +199,7 @@ async fn run_session(
     // MQTT 3.1.2.10: the server closes after one and a half keep alive periods of silence.
     let keep_alive = (negotiated.keep_alive_secs > 0)
         .then(|| Duration::from_millis(u64::from(negotiated.keep_alive_secs) * 1500));
+    set_read_timeout(&stream, keep_alive);
     let mut publish_will = true;
     'conn: loop {
         loop {
@@ -209,13 +236,15 @@ async fn run_session(
         if conn.is_closing() {
             break;
         }
-        if buf.is_empty() && buf.capacity() > 4 * READ_CHUNK_BYTES {
-            buf = BytesMut::new(); // give a burst's buffer back
+        if buf.is_empty() {
+            // Drop our handle on the last read's allocation: an idle connection holds no
+            // receive memory (decoded payloads keep their own references).
+            buf = BytesMut::new();
         }
         if broker.mesh().congested() {
             broker.mesh().wait_uncongested().await;
         }
-        match read_some(&mut reader, &mut buf, keep_alive).await {
+        match read_some(&stream, &mut buf).await {
             Read::Data => {}
             Read::TimedOut => {
                 tracing::info!(client_id = %client_id, "keep alive timeout; closing connection");
@@ -238,16 +267,15 @@ async fn run_session(
     tracing::debug!(client_id = %client_id, "client disconnected");
 }
 
-async fn write_connack(stream: &mut TcpStream, version: ProtocolVersion, connack: ConnAck) {
+async fn write_connack(stream: &RefCell<TcpStream>, version: ProtocolVersion, connack: ConnAck) {
     let mut out = BytesMut::new();
     encode_packet(&Packet::ConnAck(connack), version, &mut out);
-    let _ = stream.write_all(&out).await;
-    let _ = stream.flush().await;
+    let _ = write_all(stream, &out).await;
 }
 
 /// MQTT 3.1.2.2 / 5 3.1.2.2: an unsupported protocol level is answered with CONNACK 0x01 (3.1.1
 /// form) or 0x84 (5.0), then the connection closes. Other CONNECT errors close without a reply.
-async fn refuse_bad_connect(stream: &mut TcpStream, e: &DecodeError) {
+async fn refuse_bad_connect(stream: &RefCell<TcpStream>, e: &DecodeError) {
     if let DecodeError::UnsupportedProtocolVersion(_) = e {
         write_connack(stream, ProtocolVersion::V311, connack_refusal(ReasonCode::UnsupportedProtocolVersion)).await;
     }
