@@ -230,7 +230,9 @@ mod tests {
             Record::RetainedSet {
                 message: msg.clone(),
             },
-            Record::RetainedClear { topic: "a/b".into() },
+            Record::RetainedClear {
+                topic: "a/b".into(),
+            },
             Record::SessionCreate {
                 client_id: "c1".into(),
                 protocol_level: 5,
@@ -372,12 +374,18 @@ mod tests {
         let mut b = [0u8; 64];
         b[60] = 1;
         let seg = aligned(&b);
-        assert!(matches!(decode(&seg, 56), Decoded::Bad(BadFrame::Truncated)));
+        assert!(matches!(
+            decode(&seg, 56),
+            Decoded::Bad(BadFrame::Truncated)
+        ));
         // A length running past the end.
         let mut b = [0u8; 32];
         b[0] = 200;
         let seg = aligned(&b);
-        assert!(matches!(decode(&seg, 0), Decoded::Bad(BadFrame::Length(200))));
+        assert!(matches!(
+            decode(&seg, 0),
+            Decoded::Bad(BadFrame::Length(200))
+        ));
     }
 
     proptest! {

@@ -33,6 +33,8 @@ pub struct RecoveryReport {
     pub frame_bytes: u64,
     /// Bytes read from storage.
     pub bytes_read: u64,
+    /// Time spent waiting for reads (the rest of recovery is checking and replaying).
+    pub read_time: std::time::Duration,
     /// The LSN the next append gets.
     pub next_lsn: Lsn,
     /// Set when a torn tail was cut off.
@@ -142,51 +144,72 @@ fn find_valid_frame(seg: &[u8], from: usize, need_group_start: bool) -> Option<u
     None
 }
 
-/// Reads a whole segment into a 16-aligned buffer.
-async fn read_segment<S: Storage>(storage: &S, id: u64) -> Result<SegBuf<S::ReadBuf>, WalError> {
+/// How recovery reads: chunk size and reads in flight (a single large O_DIRECT read leaves the
+/// disk half idle). See [`crate::WalConfig`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadPlan {
+    pub chunk_bytes: usize,
+    pub depth: usize,
+}
+
+impl Default for ReadPlan {
+    fn default() -> Self {
+        let c = crate::WalConfig::default();
+        ReadPlan {
+            chunk_bytes: c.recovery_read_chunk_bytes,
+            depth: c.recovery_read_depth,
+        }
+    }
+}
+
+/// Reads a whole segment into `out` (16-aligned, reused across segments so its pages are
+/// faulted in once), with up to `plan.depth` chunk reads in flight.
+async fn read_segment<S: Storage>(
+    storage: &S,
+    id: u64,
+    out: &mut AlignedVec<16>,
+    plan: ReadPlan,
+) -> Result<(), WalError> {
+    let chunk_bytes = (plan.chunk_bytes.max(BLOCK) / BLOCK) * BLOCK;
     let io = |op, source| WalError::Io {
         op,
         segment: storage.describe(id),
         source,
     };
     let len = storage.segment_len(id).await.map_err(|e| io("stat", e))?;
-    let len = usize::try_from(len)
-        .map_err(|_| io("read", std::io::Error::other("segment too large")))?;
-    let buf = storage
-        .read(id, 0, len.div_ceil(BLOCK) * BLOCK)
-        .await
-        .map_err(|e| io("read", e))?;
-    if (buf.as_ptr() as usize) % FRAME_ALIGN == 0 {
-        Ok(SegBuf::Direct(buf))
-    } else {
-        let mut v = AlignedVec::<16>::with_capacity(buf.len());
-        v.extend_from_slice(&buf);
-        Ok(SegBuf::Copied(v))
-    }
-}
-
-enum SegBuf<B> {
-    Direct(B),
-    Copied(AlignedVec<16>),
-}
-
-impl<B: std::ops::Deref<Target = [u8]>> std::ops::Deref for SegBuf<B> {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            SegBuf::Direct(b) => b,
-            SegBuf::Copied(v) => v,
+    let len =
+        usize::try_from(len).map_err(|_| io("read", std::io::Error::other("segment too large")))?;
+    let len = len.div_ceil(BLOCK) * BLOCK;
+    out.clear();
+    out.reserve(len);
+    let offsets: Vec<usize> = (0..len).step_by(chunk_bytes).collect();
+    for window in offsets.chunks(plan.depth.max(1)) {
+        let reads = window
+            .iter()
+            .map(|&off| storage.read(id, off as u64, chunk_bytes.min(len - off)))
+            .collect();
+        for (i, chunk) in crate::join::join_all(reads).await.into_iter().enumerate() {
+            let chunk = chunk.map_err(|e| io("read", e))?;
+            out.extend_from_slice(&chunk);
+            let want = chunk_bytes.min(len - window[i]);
+            if chunk.len() < want {
+                // End of file before the stat'ed length (the file shrank): stop there.
+                return Ok(());
+            }
         }
     }
+    Ok(())
 }
 
 /// First segment of `ids` holding any frame with a valid checksum, with its offset.
 async fn find_valid_in_segments<S: Storage>(
     storage: &S,
     ids: &[u64],
+    plan: ReadPlan,
 ) -> Result<Option<(u64, usize)>, WalError> {
+    let mut buf = AlignedVec::<16>::new();
     for &id in ids {
-        let buf = read_segment(storage, id).await?;
+        read_segment(storage, id, &mut buf, plan).await?;
         if let Some(off) = find_valid_frame(&buf, 0, false) {
             return Ok(Some((id, off)));
         }
@@ -242,6 +265,7 @@ async fn remove_segments<S: Storage>(
 
 pub(crate) async fn recover<S: Storage>(
     storage: &S,
+    plan: ReadPlan,
     mut on_record: impl FnMut(Lsn, &ArchivedRecord),
 ) -> Result<Recovered, WalError> {
     let ids = storage.list_segments().await.map_err(|e| WalError::Io {
@@ -253,10 +277,11 @@ pub(crate) async fn recover<S: Storage>(
     let mut expected = ids.first().copied().unwrap_or(0);
     let mut segments: Vec<SegMeta> = Vec::new();
     let mut tail_block = Vec::new();
+    let mut buf = AlignedVec::<16>::new();
     for (i, &id) in ids.iter().enumerate() {
         if id != expected {
             // The previous segment ended cleanly but this one does not continue it.
-            if let Some((bad_id, off)) = find_valid_in_segments(storage, &ids[i..]).await? {
+            if let Some((bad_id, off)) = find_valid_in_segments(storage, &ids[i..], plan).await? {
                 return Err(WalError::Corrupt {
                     segment: storage.describe(id),
                     segment_id: id,
@@ -269,7 +294,9 @@ pub(crate) async fn recover<S: Storage>(
             remove_segments(storage, &ids[i..], &mut report).await?;
             break;
         }
-        let buf = read_segment(storage, id).await?;
+        let t0 = std::time::Instant::now();
+        read_segment(storage, id, &mut buf, plan).await?;
+        report.read_time += t0.elapsed();
         report.segments += 1;
         report.bytes_read += buf.len() as u64;
         match scan_segment(&buf, &mut expected, &mut report.frame_bytes, &mut on_record) {
@@ -305,7 +332,9 @@ pub(crate) async fn recover<S: Storage>(
                         ),
                     });
                 }
-                if let Some((later, off)) = find_valid_in_segments(storage, &ids[i + 1..]).await? {
+                if let Some((later, off)) =
+                    find_valid_in_segments(storage, &ids[i + 1..], plan).await?
+                {
                     return Err(WalError::Corrupt {
                         segment: storage.describe(id),
                         segment_id: id,
@@ -357,7 +386,8 @@ pub async fn repair_truncate<S: Storage>(
     segment_id: u64,
     offset: u64,
 ) -> Result<(), WalError> {
-    let buf = read_segment(storage, segment_id).await?;
+    let mut buf = AlignedVec::<16>::new();
+    read_segment(storage, segment_id, &mut buf, ReadPlan::default()).await?;
     let offset = usize::try_from(offset).unwrap_or(usize::MAX);
     let zeroed = zero_from(storage, segment_id, &buf, offset).await?;
     tracing::warn!(

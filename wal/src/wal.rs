@@ -80,7 +80,11 @@ impl<S: Storage> Wal<S> {
         on_record: impl FnMut(Lsn, &ArchivedRecord),
     ) -> Result<(Self, RecoveryReport), WalError> {
         check_config(&config)?;
-        let rec = recovery::recover(&storage, on_record).await?;
+        let plan = recovery::ReadPlan {
+            chunk_bytes: config.recovery_read_chunk_bytes,
+            depth: config.recovery_read_depth,
+        };
+        let rec = recovery::recover(&storage, plan, on_record).await?;
         let state = State {
             segments: rec.segments.into_iter().collect(),
             pending: Vec::new(),
@@ -172,9 +176,7 @@ impl<S: Storage> Wal<S> {
                     let guard = FlushGuard { state: &self.state };
                     let result = self.flush_group().await;
                     drop(guard);
-                    if let Err(e) = result {
-                        return Err(e);
-                    }
+                    result?;
                 }
                 Some(gen) => {
                     FlushWait {

@@ -59,7 +59,11 @@ fn concurrent_committers_share_one_sync_per_group() {
     let syncs = storage.sync_count() - syncs_before;
     // Exactly one sync per group, and the 64 committers were grouped, not synced one by one.
     assert_eq!(wal.group_commits(), syncs);
-    assert!(wal.group_commits() <= 2, "{} groups for 64 committers", wal.group_commits());
+    assert!(
+        wal.group_commits() <= 2,
+        "{} groups for 64 committers",
+        wal.group_commits()
+    );
 }
 
 #[test]
@@ -97,8 +101,21 @@ fn sync_error_poisons_the_log_until_reopened() {
     wal.append(&rec(3)).unwrap();
     storage.fail_next_syncs(1);
     let err = block_on(wal.commit()).unwrap_err();
-    assert!(matches!(err, WalError::Io { op: "fdatasync", .. }), "{err}");
-    assert_eq!(wal.durable_lsn(), Lsn(3), "the failed group is not acknowledged");
+    assert!(
+        matches!(
+            err,
+            WalError::Io {
+                op: "fdatasync",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        wal.durable_lsn(),
+        Lsn(3),
+        "the failed group is not acknowledged"
+    );
     // Everything after is refused, even though the next sync would succeed.
     assert!(matches!(wal.append(&rec(4)), Err(WalError::Poisoned(_))));
     assert!(matches!(block_on(wal.commit()), Err(WalError::Poisoned(_))));
@@ -123,7 +140,10 @@ fn write_error_poisons_too() {
     block_on(wal.commit()).unwrap();
     wal.append(&rec(1)).unwrap();
     storage.fail_next_writes(1);
-    assert!(matches!(block_on(wal.commit()), Err(WalError::Io { op: "write", .. })));
+    assert!(matches!(
+        block_on(wal.commit()),
+        Err(WalError::Io { op: "write", .. })
+    ));
     assert!(matches!(block_on(wal.commit()), Err(WalError::Poisoned(_))));
 }
 
@@ -147,7 +167,11 @@ fn torn_tail_is_truncated_and_the_log_continues() {
         drop(wal);
         storage.crash(seed);
         let (wal, got, report) = open_mem(&storage, small_config(64 << 10)).unwrap();
-        assert!(got.len() >= 20 && got.len() <= 40, "seed {seed}: {}", got.len());
+        assert!(
+            got.len() >= 20 && got.len() <= 40,
+            "seed {seed}: {}",
+            got.len()
+        );
         for (i, (lsn, r)) in got.iter().enumerate() {
             assert_eq!((lsn.0, r), (i as u64, &rec(i as u64)));
         }
@@ -166,7 +190,10 @@ fn torn_tail_is_truncated_and_the_log_continues() {
         assert_eq!(again.last().unwrap().1, rec(1004));
         assert_eq!(report.truncated, None);
     }
-    assert!(truncations > 20, "only {truncations} torn tails in 200 crashes");
+    assert!(
+        truncations > 20,
+        "only {truncations} torn tails in 200 crashes"
+    );
 }
 
 #[test]
@@ -186,7 +213,9 @@ fn corruption_before_the_tail_names_segment_and_offset_and_repair_truncates_ther
         off += flux_wal::frame::frame_len(len as usize);
     }
     assert!(storage.flip_bit(0, off + 20, 3));
-    let err = open_mem(&storage, small_config(64 << 10)).err().expect("corruption detected");
+    let err = open_mem(&storage, small_config(64 << 10))
+        .err()
+        .expect("corruption detected");
     match &err {
         WalError::Corrupt {
             segment,
@@ -221,7 +250,10 @@ fn corruption_in_an_older_segment_is_detected() {
     // Last frame of the first segment: the group after it lives in the next segment.
     assert!(storage.flip_bit(ids[0], 40, 0));
     let err = open_mem(&storage, cfg).err().expect("corruption detected");
-    assert!(matches!(err, WalError::Corrupt { segment_id, .. } if segment_id == ids[0]), "{err}");
+    assert!(
+        matches!(err, WalError::Corrupt { segment_id, .. } if segment_id == ids[0]),
+        "{err}"
+    );
 }
 
 #[test]

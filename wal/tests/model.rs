@@ -87,6 +87,7 @@ fn config() -> WalConfig {
         segment_size_bytes: SEGMENT,
         max_group_bytes: 64 << 10,
         max_pending_bytes: 4 << 20,
+        ..WalConfig::default()
     }
 }
 
@@ -99,11 +100,19 @@ fn settle(m: &mut Model, target: u64, r: Result<Lsn, WalError>) -> Result<(), Te
     match r {
         Ok(d) => {
             prop_assert!(!m.poisoned, "commit succeeded on a poisoned log");
-            prop_assert!(d.0 >= target && d.0 <= m.next(), "durable {} for target {target}, next {}", d.0, m.next());
+            prop_assert!(
+                d.0 >= target && d.0 <= m.next(),
+                "durable {} for target {target}, next {}",
+                d.0,
+                m.next()
+            );
             m.acked = m.acked.max(d.0);
         }
         Err(e) => {
-            prop_assert!(m.fault_injected, "commit failed without an injected fault: {e}");
+            prop_assert!(
+                m.fault_injected,
+                "commit failed without an injected fault: {e}"
+            );
             m.poisoned = true;
         }
     }
@@ -126,12 +135,19 @@ fn crash_and_check(
             if m.flipped && report.truncated.is_none() {
                 // A flip that was neither reported nor cut off must not have cost anything.
                 let end = w.next_lsn().0;
-                prop_assert!(end >= m.acked, "bit flip silently lost LSNs {}..{}", end, m.acked);
+                prop_assert!(
+                    end >= m.acked,
+                    "bit flip silently lost LSNs {}..{}",
+                    end,
+                    m.acked
+                );
             }
             STATS.with(|s| s.borrow_mut()[if report.truncated.is_some() { 1 } else { 0 }] += 1);
             (w, got)
         }
-        Err(WalError::Corrupt { segment_id, offset, .. }) => {
+        Err(WalError::Corrupt {
+            segment_id, offset, ..
+        }) => {
             prop_assert!(m.flipped, "corruption reported without a bit flip");
             STATS.with(|s| s.borrow_mut()[2] += 1);
             futures_lite::future::block_on(repair_truncate(storage, segment_id, offset))
@@ -146,14 +162,31 @@ fn crash_and_check(
     let start = got.first().map(|(l, _)| l.0).unwrap_or(w.next_lsn().0);
     for (i, (lsn, r)) in got.iter().enumerate() {
         prop_assert_eq!(lsn.0, start + i as u64, "gap or reorder");
-        prop_assert!(lsn.0 >= m.first && lsn.0 < m.next(), "LSN {} was never appended", lsn.0);
-        prop_assert_eq!(r, &m.records[(lsn.0 - m.first) as usize], "LSN {} differs", lsn.0);
+        prop_assert!(
+            lsn.0 >= m.first && lsn.0 < m.next(),
+            "LSN {} was never appended",
+            lsn.0
+        );
+        prop_assert_eq!(
+            r,
+            &m.records[(lsn.0 - m.first) as usize],
+            "LSN {} differs",
+            lsn.0
+        );
     }
     let end = start + got.len() as u64;
     prop_assert_eq!(w.next_lsn().0, end);
     if !m.flipped {
-        prop_assert!(start <= m.keep_from.max(m.first), "records still needed were reclaimed");
-        prop_assert!(end >= m.acked, "acknowledged LSNs {}..{} lost", end, m.acked);
+        prop_assert!(
+            start <= m.keep_from.max(m.first),
+            "records still needed were reclaimed"
+        );
+        prop_assert!(
+            end >= m.acked,
+            "acknowledged LSNs {}..{} lost",
+            end,
+            m.acked
+        );
     }
     // The model follows the recovered log.
     m.records.truncate((end.max(m.first) - m.first) as usize);
@@ -300,5 +333,8 @@ fn model_run_exercises_torn_tails_and_corruption() {
     }
     let [clean, torn, corrupt] = STATS.with(|s| *s.borrow());
     eprintln!("recoveries: {clean} clean, {torn} torn tails cut, {corrupt} corruptions reported");
-    assert!(torn > 10 && corrupt > 0, "too few faults exercised: {torn} torn, {corrupt} corrupt");
+    assert!(
+        torn > 10 && corrupt > 0,
+        "too few faults exercised: {torn} torn, {corrupt} corrupt"
+    );
 }

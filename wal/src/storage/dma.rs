@@ -147,7 +147,10 @@ impl Storage for DmaStorage {
                 buf.as_bytes_mut().fill(0);
                 let written = f.write_at(buf, pos).await?;
                 if written == 0 {
-                    return Err(io::Error::new(io::ErrorKind::WriteZero, "zero-filling segment"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::WriteZero,
+                        "zero-filling segment",
+                    ));
                 }
                 pos += written as u64;
             }

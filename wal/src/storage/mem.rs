@@ -122,7 +122,11 @@ impl MemStorage {
 
     /// The bytes of segment `id` as a reader sees them now.
     pub fn segment_bytes(&self, id: u64) -> Option<Vec<u8>> {
-        self.state.borrow().segments.get(&id).map(|s| s.current.clone())
+        self.state
+            .borrow()
+            .segments
+            .get(&id)
+            .map(|s| s.current.clone())
     }
 
     /// Simulates a power loss: every segment falls back to its durable image plus a random
@@ -153,7 +157,11 @@ impl MemStorage {
                         for s in 0..sectors {
                             let lo = s * SECTOR;
                             let hi = (lo + SECTOR).min(data.len());
-                            let hi = if s == cut { lo + rng.below(hi - lo + 1) } else { hi };
+                            let hi = if s == cut {
+                                lo + rng.below(hi - lo + 1)
+                            } else {
+                                hi
+                            };
                             if s == cut || rng.below(2) == 0 {
                                 image[offset + lo..offset + hi].copy_from_slice(&data[lo..hi]);
                             }
