@@ -22,3 +22,12 @@ fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 export FLUXD_BIN="${FLUXD_BIN:-$(cd "$target_dir" && pwd)/debug/fluxd}"
 .venv/bin/python -m pytest -q tests/python
+
+echo "== stress smoke (flux-stress against fluxd, bounded)"
+cargo build -p flux-stress
+stress_bin="$(cd "$target_dir" && pwd)/debug/flux-stress"
+timeout 60 "$stress_bin" run --spawn fluxd --fluxd-bin "$FLUXD_BIN" --qos 1 --rate 1000 --duration-secs 2 \
+    --warmup-secs 0.5 --fail-on-loss --quiet --json /dev/null
+timeout 60 "$stress_bin" run --spawn fluxd --fluxd-bin "$FLUXD_BIN" --scenario fanout --subscribers 10 --max \
+    --messages 20000 --duration-secs 2 --warmup-secs 0 --quiet --json /dev/null
+timeout 60 "$stress_bin" idle --spawn fluxd --fluxd-bin "$FLUXD_BIN" --connections 500 --quiet --json /dev/null

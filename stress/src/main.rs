@@ -125,6 +125,9 @@ struct RunArgs {
     /// Write the JSON result here (default: stdout).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Exit with an error if any expected delivery is missing (for smoke tests at QoS 1/2).
+    #[arg(long)]
+    fail_on_loss: bool,
 }
 
 #[derive(Args)]
@@ -291,6 +294,12 @@ fn main() -> anyhow::Result<()> {
             write_json(a.json.as_ref(), &result)?;
             if result.delivered == 0 {
                 bail!("nothing was delivered");
+            }
+            if result.measured_deliveries == 0 {
+                eprintln!("warning: no delivery fell in the measured window (the run ended within --warmup-secs)");
+            }
+            if a.fail_on_loss && result.lost > 0 {
+                bail!("{} of {} expected deliveries missing", result.lost, result.expected_deliveries);
             }
         }
         Command::Idle(a) => {
