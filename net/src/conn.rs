@@ -6,6 +6,7 @@
 //! its CONNECT is decoded, before any session state is touched.
 
 use std::cell::RefCell;
+use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::Poll;
@@ -13,8 +14,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use flux_core::mqtt::{encode_packet, ConnAck, Connect, DecodeError, Decoder, Packet, ProtocolVersion, ReasonCode};
-use flux_core::session::{connack_refusal, negotiate, Event};
-use flux_shard::broker::{Broker, ConnectionPermit};
+use flux_core::session::{connack_refusal, negotiate, Close, Event};
+use flux_shard::broker::{Broker, ConnectionPermit, Opened, SessKey};
 use flux_shard::handover::SocketHandover;
 use flux_shard::msg::ShardMsg;
 use flux_shard::outbound::Outbound;
@@ -160,21 +161,32 @@ pub async fn serve(broker: Rc<Broker>, stream: TcpStream, already_read: Bytes) {
         }
     };
     drop(connect);
-    run_session(broker, Rc::new(stream), buf, decoder, negotiated, permit).await;
-}
-
-async fn run_session(
-    broker: Rc<Broker>,
-    stream: Rc<RefCell<TcpStream>>,
-    mut buf: BytesMut,
-    mut decoder: Decoder,
-    negotiated: flux_core::session::Negotiated,
-    _permit: ConnectionPermit,
-) {
-    let client_id = negotiated.client_id.clone();
     let conn = Rc::new(Outbound::new(negotiated.protocol, stream.borrow().as_raw_fd()));
     let opened = broker.open_session(&negotiated, conn.clone(), Instant::now());
-    tracing::debug!(client_id = %client_id, shard = %broker.me(), session_present = opened.session_present, "client connected");
+    tracing::debug!(client_id = %negotiated.client_id, shard = %broker.me(), session_present = opened.session_present, "client connected");
+    // MQTT 3.1.2.10: the server closes after one and a half keep alive periods of silence.
+    let keep_alive = (negotiated.keep_alive_secs > 0)
+        .then(|| Duration::from_millis(u64::from(negotiated.keep_alive_secs) * 1500));
+    let client_id = negotiated.client_id;
+    // The session loop runs as its own task: glommio sizes a task for its largest state, and the
+    // CONNECT phase's state (3 KB: the CONNECT, limits, refusal paths) would otherwise stay
+    // allocated for the whole life of every connection. This task ends here and frees it.
+    let attached = Attached { buf, decoder, client_id, keep_alive, _permit: permit };
+    glommio::spawn_local(run_session(broker, Rc::new(stream), conn, opened, attached)).detach();
+}
+
+/// What the read loop keeps of the CONNECT phase (the rest is dropped before the loop starts,
+/// so that a long-lived idle connection carries only this).
+struct Attached {
+    buf: BytesMut,
+    decoder: Decoder,
+    client_id: String,
+    keep_alive: Option<Duration>,
+    _permit: ConnectionPermit,
+}
+
+async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: Rc<Outbound>, opened: Opened, attached: Attached) {
+    let Attached { mut buf, mut decoder, client_id, keep_alive, _permit } = attached;
     let writer_conn = conn.clone();
     let writer_stream = stream.clone();
     let writer_task = glommio::spawn_local(async move {
@@ -196,9 +208,6 @@ async fn run_session(
     })
     .detach();
 
-    // MQTT 3.1.2.10: the server closes after one and a half keep alive periods of silence.
-    let keep_alive = (negotiated.keep_alive_secs > 0)
-        .then(|| Duration::from_millis(u64::from(negotiated.keep_alive_secs) * 1500));
     set_read_timeout(&stream, keep_alive);
     let mut publish_will = true;
     'conn: loop {
@@ -212,17 +221,9 @@ async fn run_session(
                     break 'conn;
                 }
             };
-            let now = Instant::now();
-            match broker.handle_packet(opened.key, packet, now) {
-                Ok(events) => {
-                    for event in events {
-                        match event {
-                            Event::Publish { message, ack } => broker.publish_from(opened.key, message, ack, now).await,
-                            Event::Subscribe { added, suback } => broker.subscribe(opened.key, added, suback, now).await,
-                            Event::Unsubscribe { removed } => broker.unsubscribe(opened.key, &removed),
-                        }
-                    }
-                }
+            match process(&broker, opened.key, packet) {
+                Ok(None) => {}
+                Ok(Some(wait)) => wait.await,
                 Err(close) => {
                     if close.reason.is_error() {
                         tracing::info!(client_id = %client_id, reason = ?close.reason, "closing connection");
@@ -265,6 +266,42 @@ async fn run_session(
     broker.connection_closed(opened.key, opened.conn_id, publish_will, Instant::now());
     writer_task.await;
     tracing::debug!(client_id = %client_id, "client disconnected");
+}
+
+/// Work the read loop must finish before the next packet: rare (a SUBACK waiting for every
+/// shard's route table, a PUBACK waiting for the retained store), so it is boxed and the
+/// connection's own state stays small.
+type Continuation = Pin<Box<dyn Future<Output = ()>>>;
+
+/// Run one packet through the session and carry out its events.
+fn process(broker: &Rc<Broker>, key: SessKey, packet: Packet) -> Result<Option<Continuation>, Close> {
+    let now = Instant::now();
+    let mut wait: Option<Continuation> = None;
+    for event in broker.handle_packet(key, packet, now)? {
+        let next: Option<Continuation> = match event {
+            Event::Publish { message, ack } => broker.publish_from(key, message, ack, now).map(|pending| {
+                let broker = broker.clone();
+                Box::pin(async move { pending.send_when_applied(&broker).await }) as Continuation
+            }),
+            Event::Subscribe { added, suback } => {
+                let broker = broker.clone();
+                Some(Box::pin(async move { broker.subscribe(key, added, suback, now).await }))
+            }
+            Event::Unsubscribe { removed } => {
+                broker.unsubscribe(key, &removed);
+                None
+            }
+        };
+        // One packet yields at most one event today; chain them in order if that changes.
+        wait = match (wait, next) {
+            (Some(a), Some(b)) => Some(Box::pin(async move {
+                a.await;
+                b.await
+            })),
+            (a, b) => a.or(b),
+        };
+    }
+    Ok(wait)
 }
 
 async fn write_connack(stream: &RefCell<TcpStream>, version: ProtocolVersion, connack: ConnAck) {

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use flux_core::mqtt::{Packet, QoS, ReasonCode, RetainHandling, SubAck};
+use flux_core::mqtt::{Packet, PacketId, QoS, ReasonCode, RetainHandling, SubAck};
 use flux_core::session::{
     DeliverOutcome, Delivery, DropReason, Message, Negotiated, Outbox, Session, Subscribed,
 };
@@ -97,6 +97,22 @@ pub struct ConnectionPermit {
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A PUBACK/PUBREC that waits until every durable effect of its publish has been applied.
+pub struct PendingAck {
+    applied: Gather,
+    key: SessKey,
+    packet_id: PacketId,
+    qos: QoS,
+    matched: bool,
+}
+
+impl PendingAck {
+    pub async fn send_when_applied(self, broker: &Broker) {
+        self.applied.done().await;
+        broker.send_publish_ack(self.key, self.packet_id, self.qos, self.matched);
     }
 }
 
@@ -251,9 +267,12 @@ impl Broker {
         result.map(|()| out.events)
     }
 
-    /// Route a publish from a client of this shard, then acknowledge it once every effect that
-    /// outlives the publish (the retained store on its owner shard) has been applied.
-    pub async fn publish_from(&self, key: SessKey, message: Message, ack: Option<(flux_core::mqtt::PacketId, QoS)>, now: Instant) {
+    /// Route a publish from a client of this shard and acknowledge it. When an effect that
+    /// outlives the publish is still being applied elsewhere (a QoS >= 1 retained message on its
+    /// owner shard), the acknowledgement waits: the returned [`PendingAck`] sends it once that is
+    /// done, and the caller must await it before the client's next packet (acks keep publish
+    /// order, MQTT 4.6).
+    pub fn publish_from(&self, key: SessKey, message: Message, ack: Option<(PacketId, QoS)>, now: Instant) -> Option<PendingAck> {
         let retained = match (&ack, message.retain) {
             (Some(_), true) => Some(self.retain(message.clone(), true)),
             (None, true) => {
@@ -263,17 +282,23 @@ impl Broker {
             _ => None,
         };
         let matched = self.route(&message, now) || retained.is_some();
-        if let Some(applied) = retained {
-            applied.done().await;
+        let (packet_id, qos) = ack?;
+        match retained {
+            Some(applied) if !applied.is_done() => Some(PendingAck { applied, key, packet_id, qos, matched }),
+            _ => {
+                self.send_publish_ack(key, packet_id, qos, matched);
+                None
+            }
         }
-        if let Some((packet_id, qos)) = ack {
-            if let Some(entry) = self.entry(key) {
-                let mut out = Outbox::default();
-                let mut e = entry.borrow_mut();
-                e.session.publish_routed(packet_id, qos, matched, &mut out);
-                if let Some(c) = &e.conn {
-                    c.send(&out.packets);
-                }
+    }
+
+    fn send_publish_ack(&self, key: SessKey, packet_id: PacketId, qos: QoS, matched: bool) {
+        if let Some(entry) = self.entry(key) {
+            let mut out = Outbox::default();
+            let mut e = entry.borrow_mut();
+            e.session.publish_routed(packet_id, qos, matched, &mut out);
+            if let Some(c) = &e.conn {
+                c.send(&out.packets);
             }
         }
     }
