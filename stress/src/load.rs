@@ -120,6 +120,9 @@ pub struct LoadSpec {
     pub flux_shards: u16,
     pub topic_base: String,
     pub client_prefix: String,
+    /// Run publisher and subscriber threads under SCHED_FIFO (priority 1), so the load
+    /// generator's own scheduling delays stay out of the latency figures on a busy machine.
+    pub client_rt: bool,
     #[serde(skip)]
     pub progress: bool,
     pub label: String,
@@ -394,10 +397,11 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         sub_closers.push(reader.stream().try_clone()?);
         let shared = shared.clone();
         let publishers = n;
+        let rt = spec.client_rt;
         sub_threads.push(
             thread::Builder::new()
                 .name(format!("sub{j}"))
-                .spawn(move || subscriber_main(reader, writer, &shared, publishers))?,
+                .spawn(move || subscriber_main(reader, writer, &shared, publishers, rt))?,
         );
     }
 
@@ -413,10 +417,13 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         if spec.qos != QoS::AtMostOnce {
             let (shared, writer, outstanding) =
                 (shared.clone(), writer.clone(), outstanding.clone());
+            let rt = spec.client_rt;
             ack_threads.push(
                 thread::Builder::new()
                     .name(format!("ack{i}"))
-                    .spawn(move || ack_reader_main(reader, &writer, &outstanding, &shared, i))?,
+                    .spawn(move || {
+                        ack_reader_main(reader, &writer, &outstanding, &shared, i, rt)
+                    })?,
             );
         } else {
             drop(reader);
@@ -433,6 +440,7 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
             deadline_ns: start_ns + spec.duration.as_nanos() as u64,
             inflight_cap: u32::from(inflight),
             fanout: spec.fanout_factor(),
+            client_rt: spec.client_rt,
         };
         let shared2 = shared.clone();
         let handle = thread::Builder::new()
@@ -598,6 +606,20 @@ struct PubJob {
     deadline_ns: u64,
     inflight_cap: u32,
     fanout: u64,
+    client_rt: bool,
+}
+
+/// SCHED_FIFO priority 1 for the calling thread (best effort: needs root or CAP_SYS_NICE; a
+/// failure is reported once per thread and the run goes on at normal priority). The threads
+/// block in `read`/`sleep` between messages, so they never starve the broker.
+fn set_realtime(enabled: bool) -> Option<String> {
+    if !enabled {
+        return None;
+    }
+    let param = libc::sched_param { sched_priority: 1 };
+    // SAFETY: pthread_setschedparam on the calling thread with a valid sched_param.
+    let rc = unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    (rc != 0).then(|| format!("SCHED_FIFO refused (error {rc}); running at normal priority"))
 }
 
 fn set_fine_timer_slack() {
@@ -620,7 +642,7 @@ fn publisher_main(
     let mut out = PubOutcome {
         send_lag: new_histogram(),
         stopped_by_time: false,
-        error: None,
+        error: set_realtime(job.client_rt),
     };
     let i = job.index;
     // Spread the publishers' schedules over one period so they do not all fire together.
@@ -791,7 +813,9 @@ fn ack_reader_main(
     outstanding: &AtomicU32,
     shared: &Shared,
     index: usize,
+    client_rt: bool,
 ) {
+    let _ = set_realtime(client_rt);
     loop {
         let packet = match reader.recv() {
             Ok(Some(p)) => p,
@@ -820,11 +844,12 @@ fn subscriber_main(
     mut writer: Writer,
     shared: &Shared,
     publishers: usize,
+    client_rt: bool,
 ) -> SubOutcome {
     let mut out = SubOutcome {
         latency: new_histogram(),
         dup_or_reorder: 0,
-        error: None,
+        error: set_realtime(client_rt),
     };
     let mut next_seq = vec![0u64; publishers];
     loop {

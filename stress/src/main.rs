@@ -82,6 +82,10 @@ struct ScenarioArgs {
     /// Seconds to wait for in-flight messages after the send phase.
     #[arg(long, default_value_t = 3.0)]
     drain_secs: f64,
+    /// Load generator threads under SCHED_FIFO priority 1 (needs root): keeps the generator's own
+    /// scheduling delays out of the latency figures on a shared machine.
+    #[arg(long)]
+    client_rt: bool,
     /// No progress lines on stderr.
     #[arg(long)]
     quiet: bool,
@@ -213,6 +217,7 @@ fn load_spec(a: &ScenarioArgs, shards: u16) -> anyhow::Result<LoadSpec> {
         flux_shards: shards,
         topic_base: format!("stress/{tag}"),
         client_prefix: format!("st{tag}"),
+        client_rt: a.client_rt,
         progress: !a.quiet,
         label: String::new(),
     })
@@ -299,7 +304,11 @@ fn main() -> anyhow::Result<()> {
                 eprintln!("warning: no delivery fell in the measured window (the run ended within --warmup-secs)");
             }
             if a.fail_on_loss && result.lost > 0 {
-                bail!("{} of {} expected deliveries missing", result.lost, result.expected_deliveries);
+                bail!(
+                    "{} of {} expected deliveries missing",
+                    result.lost,
+                    result.expected_deliveries
+                );
             }
         }
         Command::Idle(a) => {
