@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use flux_core::mqtt::{encode_packet, ConnAck, Connect, DecodeError, Decoder, Packet, ProtocolVersion, ReasonCode};
 use flux_core::session::{connack_refusal, negotiate, Close, Event};
-use flux_shard::broker::{Broker, ConnectionPermit, Opened, SessKey};
+use flux_shard::broker::{Broker, ConnectionPermit, Opened};
 use flux_shard::handover::SocketHandover;
 use flux_shard::msg::ShardMsg;
 use flux_shard::outbound::Outbound;
@@ -221,7 +221,7 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
                     break 'conn;
                 }
             };
-            match process(&broker, opened.key, packet) {
+            match process(&broker, &opened, packet) {
                 Ok(None) => {}
                 Ok(Some(wait)) => wait.await,
                 Err(close) => {
@@ -274,18 +274,19 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
 type Continuation = Pin<Box<dyn Future<Output = ()>>>;
 
 /// Run one packet through the session and carry out its events.
-fn process(broker: &Rc<Broker>, key: SessKey, packet: Packet) -> Result<Option<Continuation>, Close> {
+fn process(broker: &Rc<Broker>, opened: &Opened, packet: Packet) -> Result<Option<Continuation>, Close> {
     let now = Instant::now();
+    let (key, conn_id) = (opened.key, opened.conn_id);
     let mut wait: Option<Continuation> = None;
     for event in broker.handle_packet(key, packet, now)? {
         let next: Option<Continuation> = match event {
-            Event::Publish { message, ack } => broker.publish_from(key, message, ack, now).map(|pending| {
+            Event::Publish { message, ack } => broker.publish_from(key, conn_id, message, ack, now).map(|pending| {
                 let broker = broker.clone();
                 Box::pin(async move { pending.send_when_applied(&broker).await }) as Continuation
             }),
             Event::Subscribe { added, suback } => {
                 let broker = broker.clone();
-                Some(Box::pin(async move { broker.subscribe(key, added, suback, now).await }))
+                Some(Box::pin(async move { broker.subscribe(key, conn_id, added, suback, now).await }))
             }
             Event::Unsubscribe { removed } => {
                 broker.unsubscribe(key, &removed);

@@ -104,6 +104,7 @@ impl Drop for ConnectionPermit {
 pub struct PendingAck {
     applied: Gather,
     key: SessKey,
+    conn_id: u64,
     packet_id: PacketId,
     qos: QoS,
     matched: bool,
@@ -112,7 +113,7 @@ pub struct PendingAck {
 impl PendingAck {
     pub async fn send_when_applied(self, broker: &Broker) {
         self.applied.done().await;
-        broker.send_publish_ack(self.key, self.packet_id, self.qos, self.matched);
+        broker.send_publish_ack(self.key, self.conn_id, self.packet_id, self.qos, self.matched);
     }
 }
 
@@ -272,7 +273,7 @@ impl Broker {
     /// owner shard), the acknowledgement waits: the returned [`PendingAck`] sends it once that is
     /// done, and the caller must await it before the client's next packet (acks keep publish
     /// order, MQTT 4.6).
-    pub fn publish_from(&self, key: SessKey, message: Message, ack: Option<(PacketId, QoS)>, now: Instant) -> Option<PendingAck> {
+    pub fn publish_from(&self, key: SessKey, conn_id: u64, message: Message, ack: Option<(PacketId, QoS)>, now: Instant) -> Option<PendingAck> {
         let retained = match (&ack, message.retain) {
             (Some(_), true) => Some(self.retain(message.clone(), true)),
             (None, true) => {
@@ -284,18 +285,23 @@ impl Broker {
         let matched = self.route(&message, now) || retained.is_some();
         let (packet_id, qos) = ack?;
         match retained {
-            Some(applied) if !applied.is_done() => Some(PendingAck { applied, key, packet_id, qos, matched }),
+            Some(applied) if !applied.is_done() => Some(PendingAck { applied, key, conn_id, packet_id, qos, matched }),
             _ => {
-                self.send_publish_ack(key, packet_id, qos, matched);
+                self.send_publish_ack(key, conn_id, packet_id, qos, matched);
                 None
             }
         }
     }
 
-    fn send_publish_ack(&self, key: SessKey, packet_id: PacketId, qos: QoS, matched: bool) {
+    /// Acknowledge a publish on the connection that sent it; if that connection was taken over
+    /// meanwhile the ack is dropped (the client re-sends the PUBLISH when it resumes).
+    fn send_publish_ack(&self, key: SessKey, conn_id: u64, packet_id: PacketId, qos: QoS, matched: bool) {
         if let Some(entry) = self.entry(key) {
             let mut out = Outbox::default();
             let mut e = entry.borrow_mut();
+            if e.conn_id != conn_id {
+                return;
+            }
             e.session.publish_routed(packet_id, qos, matched, &mut out);
             if let Some(c) = &e.conn {
                 c.send(&out.packets);
@@ -496,7 +502,7 @@ impl Broker {
     /// Add a session's new subscriptions to the tables, wait until every shard's route table has
     /// them (so nothing published after the SUBACK can miss them), send the SUBACK, then the
     /// retained messages each subscription asks for.
-    pub async fn subscribe(&self, key: SessKey, added: Vec<Subscribed>, suback: SubAck, now: Instant) {
+    pub async fn subscribe(&self, key: SessKey, conn_id: u64, added: Vec<Subscribed>, suback: SubAck, now: Instant) {
         let mut waits = Vec::new();
         for s in &added {
             if s.existed {
@@ -508,7 +514,11 @@ impl Broker {
             w.done().await;
         }
         let Some(entry) = self.entry(key) else { return };
-        let conn = entry.borrow().conn.clone();
+        let conn = {
+            let e = entry.borrow();
+            // A SUBACK belongs to the connection that subscribed, not to one that took over since.
+            e.conn.clone().filter(|_| e.conn_id == conn_id)
+        };
         if let Some(c) = &conn {
             c.send([&Packet::SubAck(suback)]);
         }
