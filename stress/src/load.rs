@@ -920,3 +920,131 @@ fn on_delivery(
         let _ = out.latency.record(now.saturating_sub(intended).max(1));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(scenario: Scenario) -> LoadSpec {
+        let (publishers, subscribers) = scenario.default_counts();
+        LoadSpec {
+            scenario,
+            publishers,
+            subscribers,
+            qos: QoS::AtMostOnce,
+            payload_bytes: 64,
+            mqtt_v5: false,
+            mode: Mode::Fixed {
+                rate_per_sec: 1000.0,
+            },
+            messages: 10,
+            duration: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            drain: Duration::from_secs(1),
+            inflight: 10,
+            placement: Placement::Spread,
+            flux_shards: 2,
+            topic_base: "t".into(),
+            client_prefix: "c".into(),
+            client_rt: false,
+            progress: false,
+            label: String::new(),
+        }
+    }
+
+    #[test]
+    fn spread_placement_alternates_shards_and_same_uses_shard_0() {
+        let s = spec(Scenario::Fanout);
+        for k in 0..6 {
+            let (id, shard) = s.client_id("sub", k, k);
+            assert_eq!(shard, (k % 2) as u16);
+            assert_eq!(flux_core::shard_for(id.as_bytes(), 2).0, shard);
+        }
+        let same = LoadSpec {
+            placement: Placement::Same,
+            ..spec(Scenario::P2p)
+        };
+        for k in 0..6 {
+            assert_eq!(same.client_id("pub", k, k).1, 0);
+        }
+    }
+
+    #[test]
+    fn expected_deliveries_follow_the_scenario() {
+        assert_eq!(spec(Scenario::P2p).fanout_factor(), 1);
+        assert_eq!(spec(Scenario::Fanout).fanout_factor(), 50);
+        assert_eq!(spec(Scenario::Fanin).fanout_factor(), 1);
+        assert_eq!(spec(Scenario::Shared).fanout_factor(), 1);
+        assert_eq!(spec(Scenario::Fanin).subscribe_filter(0), "t/fanin/+");
+        assert_eq!(
+            spec(Scenario::Shared).subscribe_filter(3),
+            "$share/stress/t/shared"
+        );
+    }
+
+    #[test]
+    fn unbounded_or_inconsistent_specs_are_refused() {
+        assert!(spec(Scenario::P2p).validate().is_ok());
+        let no_time = LoadSpec {
+            duration: Duration::ZERO,
+            ..spec(Scenario::P2p)
+        };
+        assert!(no_time.validate().is_err());
+        let too_long = LoadSpec {
+            duration: MAX_DURATION + Duration::from_secs(1),
+            ..spec(Scenario::P2p)
+        };
+        assert!(too_long.validate().is_err());
+        let no_count = LoadSpec {
+            messages: 0,
+            ..spec(Scenario::P2p)
+        };
+        assert!(no_count.validate().is_err());
+        let small = LoadSpec {
+            payload_bytes: STAMP_BYTES - 1,
+            ..spec(Scenario::P2p)
+        };
+        assert!(small.validate().is_err());
+        let unpaired = LoadSpec {
+            subscribers: 2,
+            ..spec(Scenario::P2p)
+        };
+        assert!(unpaired.validate().is_err());
+    }
+
+    #[test]
+    fn stamp_is_read_back_and_warmup_messages_are_not_measured() {
+        let shared = Shared {
+            epoch: Instant::now(),
+            measure_from_ns: 1_000,
+            sent: (0..2).map(|_| AtomicU64::new(0)).collect(),
+            delivered: (0..2).map(|_| AtomicU64::new(0)).collect(),
+            measured_delivered: AtomicU64::new(0),
+            last_delivery_ns: AtomicU64::new(0),
+            publisher_threads: (0..2).map(|_| OnceLock::new()).collect(),
+            waiting: (0..2).map(|_| AtomicBool::new(false)).collect(),
+            stop: AtomicBool::new(false),
+        };
+        let stamp = |intended: u64, seq: u64, publisher: u32| {
+            let mut b = BytesMut::new();
+            b.put_u64_le(intended);
+            b.put_u64_le(seq);
+            b.put_u32_le(publisher);
+            b.freeze()
+        };
+        let mut out = SubOutcome {
+            latency: new_histogram(),
+            dup_or_reorder: 0,
+            error: None,
+        };
+        let mut next = vec![0u64; 2];
+        on_delivery(&stamp(500, 0, 1), 2_000, &shared, &mut next, &mut out); // warm-up
+        on_delivery(&stamp(1_500, 1, 1), 4_000, &shared, &mut next, &mut out);
+        on_delivery(&stamp(1_500, 1, 1), 4_000, &shared, &mut next, &mut out); // duplicate
+        assert_eq!(shared.delivered[1].load(Ordering::Relaxed), 3);
+        assert_eq!(shared.measured_delivered.load(Ordering::Relaxed), 2);
+        assert_eq!(out.latency.len(), 2);
+        assert_eq!(out.dup_or_reorder, 1);
+        assert_eq!(shared.last_delivery_ns.load(Ordering::Relaxed), 4_000);
+    }
+}
