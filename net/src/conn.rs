@@ -161,17 +161,18 @@ pub async fn serve(broker: Rc<Broker>, stream: TcpStream, already_read: Bytes) {
         }
     };
     drop(connect);
-    let conn = Rc::new(Outbound::new(negotiated.protocol, stream.borrow().as_raw_fd()));
-    let opened = broker.open_session(&negotiated, conn.clone(), Instant::now());
-    tracing::debug!(client_id = %negotiated.client_id, shard = %broker.me(), session_present = opened.session_present, "client connected");
-    // MQTT 3.1.2.10: the server closes after one and a half keep alive periods of silence.
+    // MQTT 3.1.2.10: the server closes after one and a half keep alive periods of silence
+    // (enforced by the shard's housekeeping sweep).
     let keep_alive = (negotiated.keep_alive_secs > 0)
         .then(|| Duration::from_millis(u64::from(negotiated.keep_alive_secs) * 1500));
+    let conn = Rc::new(Outbound::new(negotiated.protocol, stream.borrow().as_raw_fd(), keep_alive, Instant::now()));
+    let opened = broker.open_session(&negotiated, conn.clone(), Instant::now());
+    tracing::debug!(client_id = %negotiated.client_id, shard = %broker.me(), session_present = opened.session_present, "client connected");
     let client_id = negotiated.client_id;
     // The session loop runs as its own task: glommio sizes a task for its largest state, and the
     // CONNECT phase's state (3 KB: the CONNECT, limits, refusal paths) would otherwise stay
     // allocated for the whole life of every connection. This task ends here and frees it.
-    let attached = Attached { buf, decoder, client_id, keep_alive, _permit: permit };
+    let attached = Attached { buf, decoder, client_id, _permit: permit };
     glommio::spawn_local(run_session(broker, Rc::new(stream), conn, opened, attached)).detach();
 }
 
@@ -181,12 +182,11 @@ struct Attached {
     buf: BytesMut,
     decoder: Decoder,
     client_id: String,
-    keep_alive: Option<Duration>,
     _permit: ConnectionPermit,
 }
 
 async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: Rc<Outbound>, opened: Opened, attached: Attached) {
-    let Attached { mut buf, mut decoder, client_id, keep_alive, _permit } = attached;
+    let Attached { mut buf, mut decoder, client_id, _permit } = attached;
     let writer_conn = conn.clone();
     let writer_stream = stream.clone();
     let writer_task = glommio::spawn_local(async move {
@@ -208,7 +208,7 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
     })
     .detach();
 
-    set_read_timeout(&stream, keep_alive);
+    set_read_timeout(&stream, None); // the CONNECT deadline no longer applies
     let mut publish_will = true;
     'conn: loop {
         loop {
@@ -246,10 +246,9 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
             broker.mesh().wait_uncongested().await;
         }
         match read_some(&stream, &mut buf).await {
-            Read::Data => {}
+            Read::Data => conn.touch(Instant::now()),
             Read::TimedOut => {
-                tracing::info!(client_id = %client_id, "keep alive timeout; closing connection");
-                conn.close(Some(ReasonCode::KeepAliveTimeout));
+                conn.close(None);
                 break;
             }
             Read::Eof => {

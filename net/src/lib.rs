@@ -69,6 +69,10 @@ pub fn run(config: BrokerConfig, shutdown: Arc<AtomicBool>) -> Result<(), StartE
     outcome.map_err(|e| StartError::Executor(e.to_string()))
 }
 
+/// How often each shard closes silent connections (keep alive), publishes due wills and ends
+/// expired sessions: the granularity of those deadlines.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
+
 /// Start-up state shared by the shard threads (not the data path: touched once per shard).
 struct Shared {
     config: BrokerConfig,
@@ -156,7 +160,7 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
     let b = broker.clone();
     let housekeeping = glommio::spawn_local(async move {
         loop {
-            glommio::timer::sleep(Duration::from_secs(1)).await;
+            glommio::timer::sleep(HOUSEKEEPING_INTERVAL).await;
             b.housekeeping(Instant::now());
         }
     })

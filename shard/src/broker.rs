@@ -715,8 +715,24 @@ impl Broker {
         }
     }
 
-    /// Publish delayed wills that are due and end expired sessions. Called about once a second.
+    /// Close connections silent past 1.5 x keep alive, publish delayed wills that are due and
+    /// end expired sessions. Called a few times a second.
     pub fn housekeeping(&self, now: Instant) {
+        let silent: Vec<(Rc<Outbound>, Arc<str>)> = self
+            .state
+            .borrow()
+            .entries
+            .values()
+            .filter_map(|e| {
+                let e = e.borrow();
+                let conn = e.conn.as_ref()?;
+                conn.keep_alive_expired(now).then(|| (conn.clone(), e.session.client_id().clone()))
+            })
+            .collect();
+        for (conn, client_id) in silent {
+            tracing::info!(client_id = %client_id, "keep alive timeout; closing connection");
+            conn.close(Some(ReasonCode::KeepAliveTimeout));
+        }
         loop {
             let due = {
                 let mut st = self.state.borrow_mut();

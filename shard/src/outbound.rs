@@ -5,6 +5,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use flux_core::mqtt::{encode_packet, Disconnect, Packet, ProtocolVersion, ReasonCode};
@@ -17,17 +18,34 @@ pub struct Outbound {
     wake: Signal,
     closing: Cell<bool>,
     fd: RawFd,
+    /// 1.5 x the negotiated keep alive (MQTT 3.1.2.10); `None`: no keep alive.
+    keep_alive_grace: Option<Duration>,
+    /// When the client last sent bytes. Checked by the shard's housekeeping sweep rather than a
+    /// timer per read: a read only stores an instant.
+    last_read: Cell<Instant>,
 }
 
 impl Outbound {
-    pub fn new(version: ProtocolVersion, fd: RawFd) -> Outbound {
+    pub fn new(version: ProtocolVersion, fd: RawFd, keep_alive_grace: Option<Duration>, now: Instant) -> Outbound {
         Outbound {
             version,
             buf: RefCell::new(BytesMut::new()),
             wake: Signal::default(),
             closing: Cell::new(false),
             fd,
+            keep_alive_grace,
+            last_read: Cell::new(now),
         }
+    }
+
+    /// The client sent something at `now`.
+    pub fn touch(&self, now: Instant) {
+        self.last_read.set(now);
+    }
+
+    /// Whether the client has been silent for longer than 1.5 x its keep alive.
+    pub fn keep_alive_expired(&self, now: Instant) -> bool {
+        self.keep_alive_grace.is_some_and(|grace| now.saturating_duration_since(self.last_read.get()) > grace)
     }
 
     pub fn version(&self) -> ProtocolVersion {
