@@ -24,6 +24,11 @@ pub struct Limits {
     /// full, new messages for that session are dropped, counted and logged. Cost: one message
     /// reference (payload shared) per unit.
     pub max_queued_messages: usize,
+    /// Payload bytes queued for a session beyond its inflight window (counted per message by its
+    /// payload, shared with other subscribers of the same message). When a message would exceed
+    /// it, it is dropped, counted and logged, like `max_queued_messages`. Bounds what one slow or
+    /// offline session can pin: up to this many bytes of payloads per session.
+    pub max_queued_bytes: usize,
     /// Levels in a topic name or filter. Deeper ones are refused (0x90 / 0x8F).
     pub max_topic_levels: usize,
     /// Bytes in a topic name or filter (the protocol's own bound is 65535).
@@ -59,6 +64,7 @@ impl Default for Limits {
             max_packet_size_bytes: 1024 * 1024,
             max_inflight_messages: 128,
             max_queued_messages: 1000,
+            max_queued_bytes: 64 * 1024 * 1024,
             max_topic_levels: 128,
             max_topic_length_bytes: 65_535,
             max_subscriptions_per_session: 1024,

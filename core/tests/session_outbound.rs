@@ -448,3 +448,33 @@ fn mqtt_2_2_1_packet_ids_wrap_and_skip_ids_in_use() {
         handle_ok(&mut s, Packet::PubAck(PubResp { packet_id: pid(id), reason: ReasonCode::Success, properties: Properties::default() }), now);
     }
 }
+
+#[test]
+fn flux_limits_queue_bounded_in_bytes_too() {
+    // 10-byte payloads, room for 25 bytes: two queue, the third is dropped and counted; once the
+    // window drains the queue, bytes are given back and queueing resumes.
+    let limits = Limits { max_queued_bytes: 25, max_inflight_messages: 1, ..Limits::default() };
+    let c = connect_v5("bytes");
+    let (mut s, _) = online(&c, &limits, Instant::now());
+    let now = Instant::now();
+    let mut out = Outbox::default();
+    let payload = "0123456789";
+    assert_eq!(s.deliver(msg(payload, QoS::AtLeastOnce), now, &mut out), DeliverOutcome::Sent);
+    assert_eq!(s.deliver(msg(payload, QoS::AtLeastOnce), now, &mut out), DeliverOutcome::Queued);
+    assert_eq!(s.deliver(msg(payload, QoS::AtLeastOnce), now, &mut out), DeliverOutcome::Queued);
+    assert_eq!(s.queued_bytes(), 20);
+    assert_eq!(
+        s.deliver(msg(payload, QoS::AtLeastOnce), now, &mut out),
+        DeliverOutcome::Dropped(DropReason::QueueFull)
+    );
+    assert_eq!(s.stats.dropped_queue_full, 1);
+    // PUBACK of the inflight message lets one queued message out and frees its bytes.
+    let first = out.packets.iter().find_map(|p| match p {
+        Packet::Publish(p) => p.packet_id,
+        _ => None,
+    });
+    let mut out2 = Outbox::default();
+    s.handle(Packet::PubAck(PubResp::success(first.unwrap())), now, &mut out2).unwrap();
+    assert_eq!(s.queued_bytes(), 10);
+    assert_eq!(s.deliver(msg(payload, QoS::AtLeastOnce), now, &mut out2), DeliverOutcome::Queued);
+}

@@ -488,8 +488,9 @@ impl Broker {
                 let per_session = e.session.stats.dropped_queue_full;
                 if per_session.is_power_of_two() {
                     tracing::warn!(client_id = %e.session.client_id(), dropped = per_session,
-                        limit = self.limits.max_queued_messages,
-                        "session queue full (max_queued_messages); QoS 1/2 message dropped");
+                        max_queued_messages = self.limits.max_queued_messages,
+                        max_queued_bytes = self.limits.max_queued_bytes,
+                        "session queue full; QoS 1/2 message dropped");
                 }
             }
             DeliverOutcome::Dropped(_) => {}

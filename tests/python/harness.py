@@ -41,6 +41,7 @@ QUIET = 0.5
 MOSQUITTO_LIMITS = {
     "max_packet_size_bytes": "max_packet_size",
     "max_queued_messages": "max_queued_messages",
+    "max_queued_bytes": "max_queued_bytes",
     "max_inflight_messages": "max_inflight_messages",
     "max_keep_alive_secs": "max_keepalive",
     "max_topic_aliases": "max_topic_alias",

@@ -97,6 +97,28 @@ def test_flux_offline_queue_is_bounded(broker_with, client):
     assert got == list(range(len(got))), f"kept {got}"
 
 
+def test_flux_offline_queue_is_bounded_in_bytes(broker_with, client):
+    payload_bytes, budget = 100, 1000
+    b = broker_with(max_queued_bytes=budget)
+    ident = cid("offbytes", 1)
+    sub = client(b, ident, session_expiry=300)
+    sub.subscribe("offb/t", qos=1)
+    sub.disconnect()
+    pub = client(b, cid("offb-pub", 0))
+    for i in range(30):
+        pub.publish("offb/t", f"{i:03d}".encode().ljust(payload_bytes, b"."), qos=1)
+    sub = client(b, ident, clean=False, session_expiry=300)
+    assert sub.session_present
+    sub.subscribe("offb/marker", qos=1)
+    pub.publish("offb/marker", b"", qos=1)
+    got = [int(m.payload[:3]) for m in sub.until("offb/marker")]
+    if b.kind == "fluxd":
+        # Exactly what fits: 10 payloads of 100 bytes in 1000 bytes; the oldest, in order.
+        assert got == list(range(budget // payload_bytes)), f"kept {got}"
+    else:
+        assert 1 <= len(got) <= budget // payload_bytes + 1 and got == list(range(len(got))), f"kept {got}"
+
+
 def test_mqtt5_4_8_2_shared_member_leaving_hands_unacked_messages_to_another_member(broker, client):
     """A member that dies holding unacknowledged QoS 1 messages: another member of the group (on
     the other shard) gets every one of them."""

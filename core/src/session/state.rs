@@ -136,6 +136,8 @@ pub struct Session {
     requested_expiry_zero: bool,
     inflight_out: VecDeque<OutFlight>,
     queue: VecDeque<Delivery>,
+    /// Payload bytes in `queue` (bounded by `max_queued_bytes`).
+    queued_bytes: usize,
     next_packet_id: PacketId,
     /// QoS 2 packet ids received and acknowledged with PUBREC, waiting for PUBREL.
     qos2_in: HashSet<PacketId>,
@@ -175,6 +177,7 @@ impl Session {
             requested_expiry_zero: negotiated.requested_expiry_zero(),
             inflight_out: VecDeque::new(),
             queue: VecDeque::new(),
+            queued_bytes: 0,
             next_packet_id: PacketId::new(1).unwrap_or(PacketId(std::num::NonZeroU16::MIN)),
             qos2_in: HashSet::new(),
             will: None,
@@ -205,6 +208,9 @@ impl Session {
     }
     pub fn queued_len(&self) -> usize {
         self.queue.len()
+    }
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
     }
     pub fn inflight_len(&self) -> usize {
         self.inflight_out.len()
@@ -370,7 +376,8 @@ impl Session {
     }
 
     /// Offer a message to this session: sent now if online and the window allows, else queued
-    /// (QoS 1/2, bounded by `max_queued_messages`), else dropped and counted.
+    /// (QoS 1/2, bounded by `max_queued_messages` and `max_queued_bytes`), else dropped and
+    /// counted.
     pub fn deliver(&mut self, delivery: Delivery, now: Instant, out: &mut Outbox) -> DeliverOutcome {
         if delivery.message.is_expired(now) {
             self.stats.dropped_expired += 1;
@@ -392,10 +399,14 @@ impl Session {
                 false => DeliverOutcome::Dropped(DropReason::TooLarge),
             };
         }
-        if self.queue.len() >= self.limits.max_queued_messages {
+        let bytes = delivery.message.payload.len();
+        if self.queue.len() >= self.limits.max_queued_messages
+            || self.queued_bytes.saturating_add(bytes) > self.limits.max_queued_bytes
+        {
             self.stats.dropped_queue_full += 1;
             return DeliverOutcome::Dropped(DropReason::QueueFull);
         }
+        self.queued_bytes += bytes;
         self.queue.push_back(delivery);
         DeliverOutcome::Queued
     }
@@ -413,8 +424,10 @@ impl Session {
             }
             !move_it
         });
+        let queued_bytes = &mut self.queued_bytes;
         self.queue.retain(|d| {
             if d.shared.is_some() {
+                *queued_bytes -= d.message.payload.len();
                 taken.push(d.clone());
                 false
             } else {
@@ -432,6 +445,7 @@ impl Session {
     fn pump(&mut self, now: Instant, out: &mut Outbox) {
         while self.online && self.window_open() {
             let Some(d) = self.queue.pop_front() else { break };
+            self.queued_bytes -= d.message.payload.len();
             if d.message.is_expired(now) {
                 self.stats.dropped_expired += 1;
                 continue;
