@@ -1,8 +1,11 @@
 """Behaviour that crosses fluxd's two shards: client ids are chosen by home shard
 (FNV-1a 64 of the id modulo 2) so that publisher, subscribers and sessions live apart."""
 
-from harness import (PUBLISH, SUBACK, Raw, cid, publish_fields, shard_for, skip_under_mosquitto,
-                     subscribe_packet)
+import threading
+import time
+
+from harness import (CLOSED, PINGRESP, PUBLISH, SUBACK, Raw, cid, connect_packet, packet, publish_fields,
+                     shard_for, skip_under_mosquitto, subscribe_packet)
 
 
 def test_harness_shard_for_places_ids():
@@ -141,3 +144,30 @@ def test_mqtt5_4_8_2_shared_member_leaving_hands_unacked_messages_to_another_mem
     got = sorted(stayer.expect(what="handed-over message").payload for _ in range(n))
     assert got == [f"job{i}".encode() for i in range(n)]
     stayer.expect_none()  # and no extra copies
+
+
+def test_mqtt_3_1_4_3_takeover_storm_leaves_exactly_one_connection(broker):
+    """60 connections with one client id at once (accepted on both shards, handed to the home
+    shard): every one but the last to be processed is taken over and closed; the survivor works."""
+    n = 60
+    raws = [Raw(broker) for _ in range(n)]
+    threads = [threading.Thread(target=r.send, args=(connect_packet(5, "storm-client"),)) for r in raws]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    open_ = set(range(n))
+    deadline = time.monotonic() + 10
+    while len(open_) > 1 and time.monotonic() < deadline:
+        for i in list(open_):
+            p = raws[i].next(timeout=0.01)
+            if p == CLOSED:
+                open_.discard(i)
+    assert len(open_) == 1, f"{len(open_)} connections still open after the storm"
+    survivor = raws[open_.pop()]
+    survivor.send(packet(0xC0, b""))  # PINGREQ
+    while True:
+        p = survivor.next()
+        assert p not in (None, CLOSED), "the surviving connection does not answer"
+        if p[0] == PINGRESP:
+            break
