@@ -245,6 +245,9 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
         if broker.mesh().congested() {
             broker.mesh().wait_uncongested().await;
         }
+        // A socket that always has data never makes a read wait: let the shard's other tasks
+        // (ring flushes, drains, other connections) run when this one has had its share.
+        glommio::yield_if_needed().await;
         match read_some(&stream, &mut buf).await {
             Read::Data => conn.touch(Instant::now()),
             Read::TimedOut => {

@@ -14,10 +14,14 @@
 //! task with `try_send` (never `send().await`: the peer may be blocked on us). Everything queued
 //! later for that destination goes behind the overflow, so per-sender order holds end to end.
 //!
-//! Backpressure: the overflow queue is not capped by the mesh (a send never fails or blocks);
-//! callers bound it by checking [`Mesh::congested`] before reading more input and parking on
-//! [`Mesh::wait_uncongested`]. The overflow then stays within the congestion threshold plus what
-//! one read burst produces.
+//! Backpressure: a send never fails or blocks; callers bound what is in flight by checking
+//! [`Mesh::congested`] before reading more input and parking on [`Mesh::wait_uncongested`].
+//! Congestion counts *messages*, not ring slots: each ordered pair of shards shares one atomic
+//! credit counter (added by the sender when a batch enters the ring, subtracted by the receiver's
+//! drain task once the batch is handled), and a destination is congested while that count plus
+//! its local overflow exceeds the threshold. In-flight messages per destination then stay within
+//! the threshold plus what one read burst produces. (Counting ring slots alone would allow
+//! `ring_capacity` x 1024 merged messages in flight: a flood measured 100+ MB of RSS that way.)
 //!
 //! A message for the wrong shard (`to == me` or out of range) is a programmer error: it is
 //! dropped, counted in [`MeshStats::misrouted_msgs`] and logged; never a panic.
@@ -30,6 +34,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -57,8 +63,9 @@ pub struct MeshConfig {
     /// Batches (slots) each ring holds; 0 is raised to 1. Cost: one `Vec` header (24 bytes) per
     /// slot per ordered pair of shards, plus the batches in flight.
     pub ring_capacity: usize,
-    /// See [`DEFAULT_CONGESTION_THRESHOLD_MSGS`]. Congestion means some destination's overflow
-    /// holds more than this many messages.
+    /// See [`DEFAULT_CONGESTION_THRESHOLD_MSGS`]. Congestion means some destination has more than
+    /// this many messages in flight: handed to its ring but not yet handled by its drain task,
+    /// plus those waiting in the local overflow.
     pub congestion_threshold_msgs: usize,
 }
 
@@ -94,6 +101,8 @@ pub fn build_mesh_with<T: Send + 'static>(
             config,
             senders: (0..n).map(|_| None).collect(),
             receivers: (0..n).map(|_| None).collect(),
+            send_credits: (0..n).map(|_| None).collect(),
+            recv_credits: (0..n).map(|_| None).collect(),
         })
         .collect();
     for from in 0..n {
@@ -104,6 +113,9 @@ pub fn build_mesh_with<T: Send + 'static>(
             let (tx, rx) = shared_channel::new_bounded::<Vec<T>>(capacity);
             endpoints[from].senders[to] = Some(tx);
             endpoints[to].receivers[from] = Some(rx);
+            let in_flight = Arc::new(AtomicUsize::new(0));
+            endpoints[from].send_credits[to] = Some(in_flight.clone());
+            endpoints[to].recv_credits[from] = Some(in_flight);
         }
     }
     endpoints
@@ -119,6 +131,13 @@ pub struct MeshEndpoints<T: Send + 'static> {
     senders: Vec<Option<SharedSender<Vec<T>>>>,
     /// Index = source shard.
     receivers: Vec<Option<SharedReceiver<Vec<T>>>>,
+    /// Messages in the ring towards each destination, not yet handled there (index = destination).
+    /// The sender adds when a batch enters the ring, the receiver's drain task subtracts after
+    /// handling it: a ring's real bound is in messages, not in batches (a slot can hold a merged
+    /// batch of up to 1024 messages).
+    send_credits: Vec<Option<Arc<AtomicUsize>>>,
+    /// The same counters seen from the receiving side (index = source).
+    recv_credits: Vec<Option<Arc<AtomicUsize>>>,
 }
 
 impl<T: Send + 'static> std::fmt::Debug for MeshEndpoints<T> {
@@ -152,6 +171,8 @@ impl<T: Send + 'static> MeshEndpoints<T> {
             config,
             senders,
             receivers,
+            send_credits,
+            recv_credits,
         } = self;
         // Start every connect first (spawned tasks make progress concurrently), then collect.
         let tx_tasks: Vec<_> = senders
@@ -166,16 +187,17 @@ impl<T: Send + 'static> MeshEndpoints<T> {
             .collect();
 
         let mut peers = Vec::with_capacity(tx_tasks.len());
-        for t in tx_tasks {
-            match t {
-                None => peers.push(None),
-                Some((_, task)) => peers.push(Some(Peer::new(task.await))),
+        for (t, credit) in tx_tasks.into_iter().zip(send_credits) {
+            match (t, credit) {
+                (Some((_, task)), Some(in_flight)) => peers.push(Some(Peer::new(task.await, in_flight))),
+                _ => peers.push(None),
             }
         }
         let mut inbound_rings = Vec::new();
         for (i, task) in rx_tasks.into_iter().flatten() {
+            let credit = recv_credits.get(i).cloned().flatten().unwrap_or_default();
             // `i` < shard_count <= u16::MAX, so the cast is lossless.
-            inbound_rings.push((ShardId(i as u16), task.await));
+            inbound_rings.push((ShardId(i as u16), task.await, credit));
         }
         let received: Rc<Vec<InCounters>> = Rc::new(
             (0..usize::from(shard_count))
@@ -208,6 +230,10 @@ impl<T: Send + 'static> MeshEndpoints<T> {
     }
 }
 
+/// Messages queued for one destination before [`Mesh::send`] flushes them itself instead of
+/// waiting for the sending task to yield.
+const MAX_PENDING_BATCH_MSGS: usize = 256;
+
 /// Spawns a detached-to-be task. Note: glommio polls a task spawned into the *current* task queue
 /// once right away, before `spawn_local` returns.
 fn spawn_in<F>(tq: Option<TaskQueueHandle>, fut: F) -> glommio::Task<F::Output>
@@ -229,6 +255,8 @@ where
 /// Outbound state for one destination.
 struct Peer<T: Send + 'static> {
     ring: ConnectedSender<Vec<T>>,
+    /// Messages in the ring, not yet handled by the receiver (shared with its drain task).
+    in_flight: Arc<AtomicUsize>,
     /// Messages queued since the last flush.
     pending: RefCell<Vec<T>>,
     /// Batches that found the ring full, oldest first.
@@ -244,9 +272,10 @@ struct Peer<T: Send + 'static> {
 }
 
 impl<T: Send + 'static> Peer<T> {
-    fn new(ring: ConnectedSender<Vec<T>>) -> Peer<T> {
+    fn new(ring: ConnectedSender<Vec<T>>, in_flight: Arc<AtomicUsize>) -> Peer<T> {
         Peer {
             ring,
+            in_flight,
             pending: RefCell::new(Vec::new()),
             overflow: RefCell::new(VecDeque::new()),
             overflow_msgs: Cell::new(0),
@@ -351,12 +380,19 @@ impl<T: Send + 'static> Mesh<T> {
             peer.dropped_msgs.set(peer.dropped_msgs.get() + 1);
             return;
         }
-        let was_empty = {
+        let (was_empty, full) = {
             let mut pending = peer.pending.borrow_mut();
             let was_empty = pending.is_empty();
             pending.push(msg);
-            was_empty
+            (was_empty, pending.len() >= MAX_PENDING_BATCH_MSGS)
         };
+        if full {
+            // A task that keeps producing without yielding (a reader whose socket always has
+            // data) would otherwise grow this batch without bound and unseen by congestion:
+            // hand it to the ring (or overflow) now, where it counts.
+            flush_peer(inner, to.0);
+            return;
+        }
         if was_empty {
             inner.dirty.borrow_mut().push(to.0);
             if !inner.flush_scheduled.replace(true) {
@@ -493,7 +529,7 @@ fn flush_peer<T: Send + 'static>(inner: &Rc<Inner<T>>, to: u16) {
         add_overflow(peer, batch);
     }
     after_overflow_change(inner, peer);
-    if peer.overflow_msgs.get() > 0 && !peer.retry_scheduled.replace(true) {
+    if (peer.overflow_msgs.get() > 0 || peer.congested.get()) && !peer.retry_scheduled.replace(true) {
         let inner2 = inner.clone();
         spawn_in(inner.tq, retry_overflow(inner2, to)).detach();
     }
@@ -510,6 +546,7 @@ fn try_push<T: Send + 'static>(
     let n = batch.len() as u64;
     match peer.ring.try_send(batch) {
         Ok(()) => {
+            peer.in_flight.fetch_add(n as usize, Ordering::Relaxed);
             peer.batches_sent.set(peer.batches_sent.get() + 1);
             peer.messages_sent.set(peer.messages_sent.get() + n);
             None
@@ -580,7 +617,9 @@ async fn retry_overflow<T: Send + 'static>(inner: Rc<Inner<T>>, to: u16) {
         };
         let progressed = drain_overflow(&inner, peer, to);
         after_overflow_change(&inner, peer);
-        if peer.overflow_msgs.get() == 0 {
+        // Keep watching while congested even with an empty overflow: congestion ends when the
+        // receiver has handled enough of what is in the ring.
+        if peer.overflow_msgs.get() == 0 && !peer.congested.get() {
             peer.retry_scheduled.set(false);
             wake_idle_if_flushed(&inner);
             return;
@@ -596,7 +635,8 @@ async fn retry_overflow<T: Send + 'static>(inner: Rc<Inner<T>>, to: u16) {
 
 /// Updates the congestion state of `peer` and wakes waiters when the shard stops being congested.
 fn after_overflow_change<T: Send + 'static>(inner: &Inner<T>, peer: &Peer<T>) {
-    let now = peer.overflow_msgs.get() > inner.threshold_msgs;
+    let in_flight = peer.in_flight.load(Ordering::Relaxed);
+    let now = peer.overflow_msgs.get().saturating_add(in_flight) > inner.threshold_msgs;
     if now == peer.congested.replace(now) {
         return;
     }
@@ -625,7 +665,7 @@ fn wake_idle_if_flushed<T: Send + 'static>(inner: &Inner<T>) {
 /// The inbound rings of one shard, before their drain tasks start.
 pub struct Inbound<T: Send + 'static> {
     me: ShardId,
-    rings: Vec<(ShardId, ConnectedReceiver<Vec<T>>)>,
+    rings: Vec<(ShardId, ConnectedReceiver<Vec<T>>, Arc<AtomicUsize>)>,
     received: Rc<Vec<InCounters>>,
 }
 
@@ -641,7 +681,7 @@ impl<T: Send + 'static> Inbound<T> {
     ) {
         let handler = Rc::new(handler);
         let me = self.me;
-        for (from, ring) in self.rings {
+        for (from, ring, in_flight) in self.rings {
             let handler = handler.clone();
             let received = self.received.clone();
             spawn_in(tq, async move {
@@ -650,7 +690,10 @@ impl<T: Send + 'static> Inbound<T> {
                         c.batches.set(c.batches.get() + 1);
                         c.messages.set(c.messages.get() + batch.len() as u64);
                     }
+                    let n = batch.len();
                     handler(from, batch);
+                    // Handled: give the sender its credit back.
+                    in_flight.fetch_sub(n, Ordering::Relaxed);
                     glommio::yield_if_needed().await;
                 }
                 tracing::debug!(shard = %me, from = %from, "mesh: inbound ring closed");

@@ -2,8 +2,10 @@
 timeout is in test_connect.py. Those without a Mosquitto setting are skipped under Mosquitto,
 never under fluxd."""
 
-from harness import (CLOSED, CONNACK, PUBACK, cid, connect_packet, disconnect_code, publish_packet,
-                     skip_under_mosquitto)
+import re
+
+from harness import (CLOSED, CONNACK, PUBACK, SUBACK, Raw, cid, connect_packet, disconnect_code, publish_packet,
+                     skip_under_mosquitto, subscribe_packet)
 
 
 def test_mqtt5_3_2_2_23_max_packet_size_advertised_and_oversize_closed_0x95(broker_with, client, raw):
@@ -73,3 +75,27 @@ def test_flux_max_connections(broker_with, raw):
     assert 1 <= len(accepted) <= limit, f"accepted {len(accepted)} with max_connections={limit}"
     assert refused and set(refused) == {0x97}, f"refusals must be CONNACK 0x97 Quota exceeded: {refused}"
 
+
+
+def test_flux_flood_towards_a_stalled_subscriber_keeps_broker_memory_bounded(broker):
+    """200 MB of QoS 0 publishes to a subscriber on the other shard that never reads. The slow
+    consumer's buffer is capped (max_outbound_buffer_bytes) and the cross-shard ring pauses the
+    publisher's reads when congested, so the broker's memory does not follow the flood (it did:
+    ~2 bytes of RSS per byte flooded, before the ring counted messages in flight)."""
+    skip_under_mosquitto("measures fluxd's own memory bound")
+    rss_mb = lambda: int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{broker.proc.pid}/status").read()).group(1)) // 1024
+    stalled = Raw(broker)
+    stalled.connect(4, cid("stalled", 1))
+    stalled.send(subscribe_packet(4, 1, "flood", 0))
+    stalled.expect(SUBACK)
+    before = rss_mb()
+    flooder = Raw(broker)
+    flooder.connect(4, cid("flooder", 0))
+    chunk = publish_packet(4, "flood", b"x" * 1024) * 100
+    peak = before
+    for i in range(2000):
+        flooder.send(chunk)
+        if i % 100 == 0:
+            peak = max(peak, rss_mb())
+    peak = max(peak, rss_mb())
+    assert peak - before < 150, f"RSS grew {peak - before} MB during a 200 MB flood"
