@@ -501,8 +501,9 @@ impl Broker {
     }
 
     /// Add a session's new subscriptions to the tables, wait until every shard's route table has
-    /// them (so nothing published after the SUBACK can miss them), send the SUBACK, then the
-    /// retained messages each subscription asks for.
+    /// them (so nothing published after the SUBACK can miss them) and gather the retained
+    /// messages each subscription asks for; then send the SUBACK and those retained messages in
+    /// one step, so a message published after the client saw its SUBACK cannot overtake them.
     pub async fn subscribe(&self, key: SessKey, conn_id: u64, added: Vec<Subscribed>, suback: SubAck, now: Instant) {
         let mut waits = Vec::new();
         for s in &added {
@@ -514,6 +515,28 @@ impl Broker {
         for w in waits {
             w.done().await;
         }
+        let mut retained = Vec::new();
+        for s in &added {
+            let sub = &s.subscription;
+            let wanted = match sub.options.retain_handling {
+                RetainHandling::SendAtSubscribe => true,
+                RetainHandling::SendIfNew => !s.existed,
+                RetainHandling::DoNotSend => false,
+            };
+            // Retained messages are not sent for shared subscriptions (MQTT 5 4.8.2).
+            if wanted && sub.filter.group().is_none() {
+                for m in self.retained_matching(sub.filter.filter()).await {
+                    retained.push(Delivery {
+                        qos: m.qos.min(sub.options.qos),
+                        retain: true,
+                        subscription_ids: sub.id.into_iter().collect(),
+                        shared: None,
+                        message: m,
+                    });
+                }
+            }
+        }
+        // From here on nothing awaits: SUBACK and retained messages leave together.
         let Some(entry) = self.entry(key) else { return };
         let conn = {
             let e = entry.borrow();
@@ -523,30 +546,10 @@ impl Broker {
         if let Some(c) = &conn {
             c.send([&Packet::SubAck(suback)]);
         }
-        for s in added {
-            let sub = &s.subscription;
-            let wanted = match sub.options.retain_handling {
-                RetainHandling::SendAtSubscribe => true,
-                RetainHandling::SendIfNew => !s.existed,
-                RetainHandling::DoNotSend => false,
-            };
-            // Retained messages are not sent for shared subscriptions (MQTT 5 4.8.2).
-            if !wanted || sub.filter.group().is_some() {
-                continue;
-            }
-            let messages = self.retained_matching(sub.filter.filter()).await;
-            for m in messages {
-                if m.is_expired(now) {
-                    continue;
-                }
-                let d = Delivery {
-                    qos: m.qos.min(sub.options.qos),
-                    retain: true,
-                    subscription_ids: sub.id.into_iter().collect(),
-                    shared: None,
-                    message: m,
-                };
-                self.deliver_to(&entry, d, Instant::now());
+        let now = now.max(Instant::now());
+        for d in retained {
+            if !d.message.is_expired(now) {
+                self.deliver_to(&entry, d, now);
             }
         }
     }
