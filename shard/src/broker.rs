@@ -18,7 +18,7 @@ use flux_core::mqtt::{Packet, PacketId, QoS, ReasonCode, RetainHandling, SubAck}
 use flux_core::session::{
     DeliverOutcome, Delivery, DropReason, Message, Negotiated, Outbox, Session, Subscribed,
 };
-use flux_core::topic::{SubscriptionFilter, SubscriptionTrie, TopicFilter, TopicName};
+use flux_core::topic::{SubscriptionFilter, SubscriptionTrie, TopicFilter, TopicTree};
 use flux_core::{Limits, ShardId};
 
 use crate::handover::SocketHandover;
@@ -65,7 +65,8 @@ struct State {
     shared_local: HashMap<(Arc<str>, TopicFilter), SharedMembers>,
     routes: RouteTable,
     route_refs: HashMap<RouteKey, RouteRef>,
-    retained: HashMap<TopicName, Message>,
+    /// Retained messages of the topics this shard owns, indexed for filter lookups.
+    retained: TopicTree<Message>,
     pending: HashMap<u64, Gather>,
     next_req: u64,
     /// (when, session): a will may be due or the session may expire then.
@@ -385,7 +386,8 @@ impl Broker {
         if message.payload.is_empty() {
             st.retained.remove(&message.topic);
         } else {
-            st.retained.insert(message.topic.clone(), message);
+            let topic = message.topic.clone();
+            st.retained.insert(&topic, message);
         }
     }
 
@@ -678,10 +680,10 @@ impl Broker {
     }
 
     fn local_retained(&self, filter: &TopicFilter) -> Vec<Message> {
-        // A scan of this shard's retained store: fine for thousands of retained topics; a
-        // retained-topic trie is the next step when stores grow large.
-        let st = self.state.borrow();
-        st.retained.iter().filter(|(t, _)| filter.matches(t)).map(|(_, m)| m.clone()).collect()
+        // The tree walks only the branches the filter can match.
+        let mut found = Vec::new();
+        self.state.borrow().retained.for_each_match(filter, |_, m| found.push(m.clone()));
+        found
     }
 
     /// The connection of session `key` ended. `publish_will`: abnormal close or DISCONNECT 0x04.

@@ -3,10 +3,12 @@
 //! [`TopicName`] and [`TopicFilter`] are validated once, at the edge, and then passed around as
 //! cheap clones (`Arc<str>`).
 
+mod tree;
 mod trie;
 
 use std::sync::Arc;
 
+pub use tree::TopicTree;
 pub use trie::SubscriptionTrie;
 
 /// Why a topic string is not acceptable.
