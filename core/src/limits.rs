@@ -36,6 +36,10 @@ pub struct Limits {
     /// Subscriptions one session may hold. More are refused in SUBACK with 0x97 Quota exceeded.
     /// Cost: one trie entry per unit.
     pub max_subscriptions_per_session: usize,
+    /// Seconds the server keeps flushing a connection it is closing (DISCONNECT and what was
+    /// queued before it) before it shuts the socket down anyway: a client that stopped reading
+    /// cannot hold its socket and buffers forever.
+    pub close_flush_timeout_secs: u32,
     /// Seconds a socket may stay open without sending CONNECT.
     pub connect_timeout_secs: u32,
     /// Largest keep alive the server accepts; a client asking for more (or 0) is told this value
@@ -69,6 +73,7 @@ impl Default for Limits {
             max_topic_length_bytes: 65_535,
             max_subscriptions_per_session: 1024,
             connect_timeout_secs: 15,
+            close_flush_timeout_secs: 5,
             max_keep_alive_secs: 0,
             max_topic_aliases: 64,
             max_session_expiry_secs: u32::MAX,

@@ -266,7 +266,24 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
         }
     }
     broker.connection_closed(opened.key, opened.conn_id, publish_will, Instant::now());
-    writer_task.await;
+    // Let the writer flush the DISCONNECT and what was queued, but not forever: a client that
+    // stopped reading would otherwise hold this task, its buffers and its socket for good.
+    let flush = Duration::from_secs(u64::from(broker.limits().close_flush_timeout_secs));
+    let flushed = futures_lite::future::or(
+        async {
+            writer_task.await;
+            true
+        },
+        async {
+            glommio::timer::sleep(flush).await;
+            false
+        },
+    )
+    .await;
+    if !flushed {
+        tracing::info!(client_id = %client_id, "client not reading; socket shut down without a full flush");
+        conn.shutdown_socket(); // the writer's pending write fails and its task ends
+    }
     tracing::debug!(client_id = %client_id, "client disconnected");
 }
 

@@ -77,9 +77,9 @@ impl Outbound {
         self.closing.get()
     }
 
-    /// Close from the server side: a DISCONNECT with `reason` for MQTT 5 peers (when given),
-    /// then the writer flushes what is buffered and shuts the socket down (which also ends the
-    /// reader).
+    /// Close from the server side: a DISCONNECT with `reason` for MQTT 5 peers (when given); the
+    /// read side is shut at once (the reader ends even if the client stopped reading and the
+    /// writer is stuck); the writer flushes what is buffered and shuts the socket down.
     pub fn close(&self, reason: Option<ReasonCode>) {
         if self.closing.get() {
             return;
@@ -89,6 +89,13 @@ impl Outbound {
         }
         self.closing.set(true);
         self.wake.notify();
+        // End the reader now, whatever the writer is doing: its pending read returns EOF and the
+        // session detaches. The write side stays open so the DISCONNECT can still go out (within
+        // close_flush_timeout_secs) to a client that is reading.
+        // SAFETY: as in `shutdown_socket`; shutdown(2) does not invalidate the descriptor.
+        unsafe {
+            libc::shutdown(self.fd, libc::SHUT_RD);
+        }
     }
 
     /// For the writer task: wait until there is something to write or the connection closes.

@@ -2,7 +2,10 @@
 timeout is in test_connect.py. Those without a Mosquitto setting are skipped under Mosquitto,
 never under fluxd."""
 
+import os
 import re
+import socket
+import time
 
 from harness import (CLOSED, CONNACK, PUBACK, SUBACK, Raw, cid, connect_packet, disconnect_code, publish_packet,
                      skip_under_mosquitto, subscribe_packet)
@@ -99,3 +102,30 @@ def test_flux_flood_towards_a_stalled_subscriber_keeps_broker_memory_bounded(bro
             peak = max(peak, rss_mb())
     peak = max(peak, rss_mb())
     assert peak - before < 150, f"RSS grew {peak - before} MB during a 200 MB flood"
+
+
+def test_flux_closing_a_stalled_client_frees_its_socket(broker_with):
+    """A subscriber that stops reading, then goes silent past its keep alive: the server closes it
+    while its send buffer is full. The final flush is bounded (close_flush_timeout_secs), so the
+    connection's socket is released even though the client never reads again."""
+    skip_under_mosquitto("counts fluxd's own file descriptors")
+    b = broker_with(close_flush_timeout_secs=1)
+    fds = lambda: len(os.listdir(f"/proc/{b.proc.pid}/fd"))
+    baseline = fds()
+    stalled = Raw(b)
+    stalled.connect(4, cid("stalled-ka", 1), keepalive=1)
+    stalled.send(subscribe_packet(4, 1, "fill", 0))
+    stalled.expect(SUBACK)
+    stalled.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    flooder = Raw(b)
+    flooder.connect(4, cid("filler", 0))
+    chunk = publish_packet(4, "fill", b"x" * 1024) * 100
+    for _ in range(100):  # 10 MB: far more than the socket buffers hold
+        flooder.send(chunk)
+    flooder.close()
+    # Keep alive (1.5 s) + sweep (0.5 s) + bounded flush (1 s): the fd goes, without reading.
+    deadline = time.monotonic() + 15
+    while fds() > baseline and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fds() <= baseline, f"fluxd still holds {fds() - baseline} more fds than before the stalled client"
+    stalled.close()
