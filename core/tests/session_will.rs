@@ -183,8 +183,23 @@ fn mqtt5_3_1_2_5_discarded_session_gives_back_its_pending_will() {
     let now = Instant::now();
     let (mut s, _) = start(&with_will(600, Some(30)), now);
     s.detach(now, true);
-    assert!(s.take_pending_will().is_some());
+    assert!(s.take_pending_will(now + secs(5)).is_some());
     assert!(s.pending_will().is_none());
+}
+
+#[test]
+fn mqtt5_3_1_3_2_4_will_published_early_counts_its_expiry_from_then() {
+    // Will delay 30 s, message expiry 10 s; the session is discarded 5 s after the disconnect, so
+    // the will goes out then and must expire 10 s later, not 10 s after the delay would have run.
+    let now = Instant::now();
+    let mut c = with_will(600, Some(30));
+    if let Some(w) = &mut c.will {
+        w.properties.message_expiry_interval = Some(10);
+    }
+    let (mut s, _) = start(&c, now);
+    s.detach(now, true);
+    let m = s.take_pending_will(now + secs(5)).expect("pending will");
+    assert_eq!(m.expires_at, Some(now + secs(15)));
 }
 
 #[test]

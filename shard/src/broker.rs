@@ -210,7 +210,7 @@ impl Broker {
                 ended = session_ended;
             }
             if negotiated.clean_start || ended {
-                wills.extend(e.session.take_pending_will());
+                wills.extend(e.session.take_pending_will(now));
                 discarded = Some((key, e.session.take_subscriptions()));
             } else {
                 e.session.attach(negotiated, now, &mut out);

@@ -301,9 +301,22 @@ impl Session {
         }
     }
 
-    /// Take the will of a session that is being discarded (takeover with clean start, expiry).
-    pub fn take_pending_will(&mut self) -> Option<Message> {
-        self.pending_will.take().map(|w| w.message)
+    /// Take the will of a session that is being discarded (takeover with clean start), to be
+    /// published at `now`, before its delay ran out: its message expiry still counts from when
+    /// it is published (MQTT 5 3.1.3.2.4), so the deadline moves with it.
+    pub fn take_pending_will(&mut self, now: Instant) -> Option<Message> {
+        let PendingWill { message, publish_at } = self.pending_will.take()?;
+        let Some(expires_at) = message.expires_at else { return Some(message) };
+        let interval = expires_at.saturating_duration_since(publish_at);
+        Some(Arc::new(Publication {
+            topic: message.topic.clone(),
+            payload: message.payload.clone(),
+            qos: message.qos,
+            retain: message.retain,
+            properties: message.properties.clone(),
+            expires_at: Some(now + interval),
+            publisher: message.publisher.clone(),
+        }))
     }
 
     pub fn is_expired(&self, now: Instant) -> bool {
