@@ -37,7 +37,7 @@ impl<F: Future> Future for JoinAll<F> {
 }
 
 /// Runs all `futs` concurrently; outputs in the same order.
-pub(crate) fn join_all<F: Future>(futs: Vec<F>) -> impl Future<Output = Vec<F::Output>> {
+pub fn join_all<F: Future>(futs: Vec<F>) -> impl Future<Output = Vec<F::Output>> {
     let n = futs.len();
     JoinAll {
         futs: futs.into_iter().map(|f| Some(Box::pin(f))).collect(),

@@ -32,7 +32,7 @@
 //! `truncate -s OFFSET SEGMENT_FILE` and delete the segment files with larger names.
 
 pub mod frame;
-mod join;
+pub mod join;
 pub mod record;
 mod recovery;
 pub mod storage;

@@ -2,8 +2,6 @@
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use flux_wal::{Lsn, MemStorage, Record, RecoveryReport, StoredMessage, Wal, WalConfig, WalError};
 
@@ -63,40 +61,7 @@ pub fn open_mem(storage: &MemStorage, config: WalConfig) -> Result<Opened, WalEr
 
 /// Polls all futures to completion, concurrently, on the current thread.
 pub fn join_all<F: Future>(futs: Vec<F>) -> Vec<F::Output> {
-    struct JoinAll<F: Future> {
-        futs: Vec<Option<Pin<Box<F>>>>,
-        out: Vec<Option<F::Output>>,
-    }
-    // Outputs are moved, never pinned; the futures are pinned in their boxes.
-    impl<F: Future> Unpin for JoinAll<F> {}
-    impl<F: Future> Future for JoinAll<F> {
-        type Output = Vec<F::Output>;
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-            let this = self.get_mut();
-            let mut pending = false;
-            for (i, slot) in this.futs.iter_mut().enumerate() {
-                if let Some(f) = slot {
-                    match f.as_mut().poll(cx) {
-                        Poll::Ready(v) => {
-                            this.out[i] = Some(v);
-                            *slot = None;
-                        }
-                        Poll::Pending => pending = true,
-                    }
-                }
-            }
-            if pending {
-                Poll::Pending
-            } else {
-                Poll::Ready(this.out.iter_mut().map(|o| o.take().unwrap()).collect())
-            }
-        }
-    }
-    let n = futs.len();
-    futures_lite::future::block_on(JoinAll {
-        futs: futs.into_iter().map(|f| Some(Box::pin(f))).collect(),
-        out: (0..n).map(|_| None).collect(),
-    })
+    futures_lite::future::block_on(flux_wal::join::join_all(futs))
 }
 
 /// glommio needs RLIMIT_MEMLOCK to cover its io_uring rings and registered buffers; raise the
