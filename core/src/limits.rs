@@ -57,7 +57,9 @@ pub struct Limits {
     /// of shards. A full ring pauses reading from the sockets that feed it.
     pub ring_capacity: usize,
     /// Bytes waiting to be written to one client before the connection is treated as a slow
-    /// consumer: QoS 0 messages to it are dropped (counted) until it drains.
+    /// consumer: QoS 0 messages to it are dropped (counted) and the server stops reading from it
+    /// (so replies it does not read cannot pile up) until it drains. Cost: up to about twice this
+    /// per connection (the buffer plus the chunk being written).
     pub max_outbound_buffer_bytes: usize,
 }
 

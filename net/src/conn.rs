@@ -197,6 +197,7 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
                     writer_conn.shutdown_socket();
                     break;
                 }
+                writer_conn.notify_drained();
                 continue;
             }
             if writer_conn.is_closing() {
@@ -245,6 +246,8 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
         if broker.mesh().congested() {
             broker.mesh().wait_uncongested().await;
         }
+        // Replies (PUBACK, PINGRESP, ...) to a client that does not read them are bounded too.
+        conn.wait_writable(broker.limits().max_outbound_buffer_bytes).await;
         // A socket that always has data never makes a read wait: let the shard's other tasks
         // (ring flushes, drains, other connections) run when this one has had its share.
         glommio::yield_if_needed().await;

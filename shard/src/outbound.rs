@@ -16,6 +16,9 @@ pub struct Outbound {
     version: ProtocolVersion,
     buf: RefCell<BytesMut>,
     wake: Signal,
+    /// Notified when the writer finished a write (or the connection closes): the reader waits on
+    /// it while too much output is unwritten.
+    drained: Signal,
     closing: Cell<bool>,
     fd: RawFd,
     /// 1.5 x the negotiated keep alive (MQTT 3.1.2.10); `None`: no keep alive.
@@ -31,6 +34,7 @@ impl Outbound {
             version,
             buf: RefCell::new(BytesMut::new()),
             wake: Signal::default(),
+            drained: Signal::default(),
             closing: Cell::new(false),
             fd,
             keep_alive_grace,
@@ -89,12 +93,27 @@ impl Outbound {
         }
         self.closing.set(true);
         self.wake.notify();
+        self.drained.notify();
         // End the reader now, whatever the writer is doing: its pending read returns EOF and the
         // session detaches. The write side stays open so the DISCONNECT can still go out (within
         // close_flush_timeout_secs) to a client that is reading.
         // SAFETY: as in `shutdown_socket`; shutdown(2) does not invalidate the descriptor.
         unsafe {
             libc::shutdown(self.fd, libc::SHUT_RD);
+        }
+    }
+
+    /// For the writer task: a write finished; a reader waiting in `wait_writable` may go on.
+    pub fn notify_drained(&self) {
+        self.drained.notify();
+    }
+
+    /// For the reader: wait while more than `limit_bytes` of output are unwritten, so a client
+    /// that does not read its replies cannot make the server buffer one per request (TCP pushes
+    /// back on it instead). Returns at once when closing.
+    pub async fn wait_writable(&self, limit_bytes: usize) {
+        while self.buffered_bytes() > limit_bytes && !self.closing.get() {
+            self.drained.wait().await;
         }
     }
 

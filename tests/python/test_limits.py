@@ -129,3 +129,29 @@ def test_flux_closing_a_stalled_client_frees_its_socket(broker_with):
         time.sleep(0.1)
     assert fds() <= baseline, f"fluxd still holds {fds() - baseline} more fds than before the stalled client"
     stalled.close()
+
+
+def test_flux_client_that_never_reads_cannot_grow_its_replies_without_bound(broker_with):
+    """A client streams PINGREQs and never reads the PINGRESPs. Once its unwritten replies exceed
+    max_outbound_buffer_bytes the broker stops reading from it (TCP pushes back), so its sends
+    stall instead of the broker buffering a reply for every request."""
+    skip_under_mosquitto("measures fluxd's own memory bound")
+    b = broker_with(max_outbound_buffer_bytes=65536)
+    rss_mb = lambda: int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{b.proc.pid}/status").read()).group(1)) // 1024
+    r = Raw(b)
+    r.connect(4, cid("pinger", 0), keepalive=0)
+    r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    before = rss_mb()
+    pings = b"\xc0\x00" * 32768  # 64 KB of PINGREQ
+    sent = 0
+    r.sock.settimeout(2.0)
+    try:
+        while sent < 64 * 1024 * 1024:  # give up after 64 MB
+            r.sock.sendall(pings)
+            sent += len(pings)
+    except socket.timeout:
+        pass  # the broker stopped reading: what this test expects
+    grown = rss_mb() - before
+    assert sent < 64 * 1024 * 1024, "the broker read 64 MB of requests from a client that reads nothing"
+    assert grown < 32, f"broker RSS grew {grown} MB for replies nobody reads"
+    r.close()
