@@ -100,14 +100,7 @@ fn write_body<S: Sink>(packet: &Packet, v: ProtocolVersion, out: &mut S) {
             props(&s.properties, v, out);
             for (filter, o) in &s.filters {
                 out.put_string(filter);
-                out.put_u8(if v.is_v5() {
-                    o.qos.as_u8()
-                        | (u8::from(o.no_local) << 2)
-                        | (u8::from(o.retain_as_published) << 3)
-                        | ((o.retain_handling as u8) << 4)
-                } else {
-                    o.qos.as_u8()
-                });
+                out.put_u8(if v.is_v5() { crate::mqtt::subscription_options_byte(o) } else { o.qos.as_u8() });
             }
         }
         Packet::SubAck(s) => {

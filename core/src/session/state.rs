@@ -16,6 +16,7 @@ use crate::mqtt::{
     ReasonCode, SubAck, Subscribe, SubscriptionOptions, UnsubAck, Unsubscribe, Will,
 };
 use crate::session::connect::{check_topic_limits, Negotiated};
+use crate::session::journal::{Journal, RestoredSession};
 use crate::session::message::{Delivery, Message, Publication};
 use crate::topic::{SubscriptionFilter, TopicName};
 
@@ -83,9 +84,18 @@ enum OutState {
 
 #[derive(Debug)]
 struct OutFlight {
+    /// The session's own id of this message (the key of its journal entries).
+    msg_id: u64,
     packet_id: PacketId,
     delivery: Delivery,
     state: OutState,
+}
+
+/// A message waiting for the inflight window.
+#[derive(Debug)]
+struct Queued {
+    msg_id: u64,
+    delivery: Delivery,
 }
 
 /// A will waiting for its delay (or the session's end) before it is published.
@@ -135,7 +145,11 @@ pub struct Session {
     /// nonzero expiry in DISCONNECT (MQTT 5 3.14.2.2.2).
     requested_expiry_zero: bool,
     inflight_out: VecDeque<OutFlight>,
-    queue: VecDeque<Delivery>,
+    queue: VecDeque<Queued>,
+    /// Id of the next QoS 1/2 message accepted for delivery (never reused by this session).
+    next_msg_id: u64,
+    /// Changes to the durable state not yet taken by the runtime (persistent sessions only).
+    journal: Vec<Journal>,
     /// Payload bytes in `queue` (bounded by `max_queued_bytes`).
     queued_bytes: usize,
     next_packet_id: PacketId,
@@ -177,6 +191,8 @@ impl Session {
             requested_expiry_zero: negotiated.requested_expiry_zero(),
             inflight_out: VecDeque::new(),
             queue: VecDeque::new(),
+            next_msg_id: 0,
+            journal: Vec::new(),
             queued_bytes: 0,
             next_packet_id: PacketId::new(1).unwrap_or(PacketId(std::num::NonZeroU16::MIN)),
             qos2_in: HashSet::new(),
@@ -221,6 +237,114 @@ impl Session {
     pub fn pending_will(&self) -> Option<&PendingWill> {
         self.pending_will.as_ref()
     }
+    pub fn session_expiry_secs(&self) -> u32 {
+        self.session_expiry_secs
+    }
+
+    /// Whether the session outlives its connection (expiry above zero): only such a session
+    /// journals its changes.
+    pub fn is_persistent(&self) -> bool {
+        self.session_expiry_secs > 0
+    }
+
+    fn journal_push(&mut self, entry: Journal) {
+        if self.is_persistent() {
+            self.journal.push(entry);
+        }
+    }
+
+    /// The changes to write to the log since the last call, in order. See [`Journal`].
+    pub fn take_journal(&mut self) -> Vec<Journal> {
+        std::mem::take(&mut self.journal)
+    }
+
+    /// Whether there are journal entries to take.
+    pub fn has_journal(&self) -> bool {
+        !self.journal.is_empty()
+    }
+
+    /// The whole durable state as journal entries (subscriptions, then every message in id
+    /// order with how far it got, then inbound QoS 2 ids): replayed onto an empty
+    /// [`RestoredSession`] they rebuild this session. For the log's checkpoints.
+    pub fn snapshot_journal(&self) -> Vec<Journal> {
+        let mut out = Vec::with_capacity(self.subscriptions.len() + self.inflight_out.len() * 2 + self.queue.len());
+        for (text, sub) in &self.subscriptions {
+            out.push(Journal::Subscribe { filter: text.clone(), options: sub.options, id: sub.id });
+        }
+        for f in &self.inflight_out {
+            out.push(Journal::Enqueued { msg_id: f.msg_id, delivery: f.delivery.clone() });
+            out.push(Journal::Sent { msg_id: f.msg_id, packet_id: f.packet_id });
+            if f.state == OutState::AwaitComp {
+                out.push(Journal::PubrecReceived { msg_id: f.msg_id });
+            }
+        }
+        for q in &self.queue {
+            out.push(Journal::Enqueued { msg_id: q.msg_id, delivery: q.delivery.clone() });
+        }
+        for &packet_id in &self.qos2_in {
+            out.push(Journal::Qos2Received { packet_id });
+        }
+        out
+    }
+
+    /// Rebuild an offline session from its durable state (after a restart). Messages that were
+    /// sent keep their packet ids and are resent with DUP when the client resumes; the rest wait
+    /// in the queue. The limits apply again (a queue beyond them keeps what fits, oldest first).
+    pub fn restore(image: RestoredSession, limits: &Limits) -> Session {
+        let protocol = if image.protocol_level == 5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+        let mut s = Session {
+            client_id: Arc::from(image.client_id.as_str()),
+            protocol,
+            limits: limits.clone(),
+            subscriptions: image.subscriptions.into_iter().collect(),
+            session_expiry_secs: image.session_expiry_secs,
+            requested_expiry_zero: false,
+            inflight_out: VecDeque::new(),
+            queue: VecDeque::new(),
+            next_msg_id: 0,
+            journal: Vec::new(),
+            queued_bytes: 0,
+            next_packet_id: PacketId::new(1).unwrap_or(PacketId(std::num::NonZeroU16::MIN)),
+            qos2_in: image.qos2_in.into_iter().collect(),
+            will: None,
+            pending_will: image.pending_will,
+            expires_at: image.expires_at,
+            online: false,
+            client_receive_maximum: u16::MAX,
+            client_maximum_packet_size: None,
+            topic_aliases: HashMap::new(),
+            stats: SessionStats::default(),
+        };
+        for m in image.messages {
+            s.next_msg_id = s.next_msg_id.max(m.msg_id + 1);
+            match m.packet_id {
+                Some(packet_id) => {
+                    let state = match (m.delivery.qos, m.pubrec_received) {
+                        (QoS::ExactlyOnce, true) => OutState::AwaitComp,
+                        (QoS::ExactlyOnce, false) => OutState::AwaitRec,
+                        _ => OutState::AwaitAck,
+                    };
+                    s.inflight_out.push_back(OutFlight { msg_id: m.msg_id, packet_id, delivery: m.delivery, state });
+                }
+                None => {
+                    let bytes = m.delivery.message.payload.len();
+                    if s.queue.len() >= s.limits.max_queued_messages
+                        || s.queued_bytes.saturating_add(bytes) > s.limits.max_queued_bytes
+                    {
+                        s.stats.dropped_queue_full += 1;
+                        s.journal_push(Journal::Completed { msg_id: m.msg_id });
+                        continue;
+                    }
+                    s.queued_bytes += bytes;
+                    s.queue.push_back(Queued { msg_id: m.msg_id, delivery: m.delivery });
+                }
+            }
+        }
+        if let Some(last) = s.inflight_out.back() {
+            s.next_packet_id = last.packet_id.next();
+        }
+        s
+    }
 
     /// Attach a connection (new or resumed session). Puts into `out` the retransmissions owed
     /// from the previous connection (DUP PUBLISH, PUBREL) and whatever the window lets out of the
@@ -239,6 +363,8 @@ impl Session {
         let max_packet_size = self.client_maximum_packet_size.map(|m| m as usize);
         let protocol = self.protocol;
         let mut too_large = 0;
+        let persistent = self.is_persistent();
+        let journal = &mut self.journal;
         self.inflight_out.retain(|flight| {
             let packet = match flight.state {
                 OutState::AwaitAck | OutState::AwaitRec => {
@@ -252,6 +378,9 @@ impl Session {
                 // The client now accepts less than it did (MQTT 5 3.1.2.25): discard the
                 // message as if it had been delivered.
                 too_large += 1;
+                if persistent {
+                    journal.push(Journal::Completed { msg_id: flight.msg_id });
+                }
                 return false;
             }
             out.packets.push(packet);
@@ -344,6 +473,7 @@ impl Session {
             }
             Packet::PubRel(r) => {
                 let reason = if self.qos2_in.remove(&r.packet_id) {
+                    self.journal_push(Journal::Qos2Released { packet_id: r.packet_id });
                     ReasonCode::Success
                 } else {
                     ReasonCode::PacketIdentifierNotFound
@@ -407,10 +537,12 @@ impl Session {
             };
         }
         if self.online && self.queue.is_empty() && self.window_open() {
-            return match self.send_inflight(delivery, now, out) {
-                true => DeliverOutcome::Sent,
-                false => DeliverOutcome::Dropped(DropReason::TooLarge),
-            };
+            if self.oversized(&delivery, now) {
+                return DeliverOutcome::Dropped(DropReason::TooLarge);
+            }
+            let msg_id = self.accept(&delivery);
+            self.send_inflight(msg_id, delivery, now, out);
+            return DeliverOutcome::Sent;
         }
         let bytes = delivery.message.payload.len();
         if self.queue.len() >= self.limits.max_queued_messages
@@ -419,8 +551,9 @@ impl Session {
             self.stats.dropped_queue_full += 1;
             return DeliverOutcome::Dropped(DropReason::QueueFull);
         }
+        let msg_id = self.accept(&delivery);
         self.queued_bytes += bytes;
-        self.queue.push_back(delivery);
+        self.queue.push_back(Queued { msg_id, delivery });
         DeliverOutcome::Queued
     }
 
@@ -430,23 +563,29 @@ impl Session {
     /// client when it reconnects and never sent to another (MQTT-4.8.2-4, MQTT-4.8.2-5).
     pub fn take_shared_undelivered(&mut self) -> Vec<Delivery> {
         let mut taken = Vec::new();
+        let mut gone = Vec::new();
         self.inflight_out.retain(|f| {
             let move_it = f.delivery.shared.is_some() && f.state == OutState::AwaitAck;
             if move_it {
                 taken.push(f.delivery.clone());
+                gone.push(f.msg_id);
             }
             !move_it
         });
         let queued_bytes = &mut self.queued_bytes;
-        self.queue.retain(|d| {
-            if d.shared.is_some() {
-                *queued_bytes -= d.message.payload.len();
-                taken.push(d.clone());
+        self.queue.retain(|q| {
+            if q.delivery.shared.is_some() {
+                *queued_bytes -= q.delivery.message.payload.len();
+                taken.push(q.delivery.clone());
+                gone.push(q.msg_id);
                 false
             } else {
                 true
             }
         });
+        for msg_id in gone {
+            self.journal_push(Journal::Completed { msg_id });
+        }
         taken
     }
 
@@ -457,24 +596,50 @@ impl Session {
 
     fn pump(&mut self, now: Instant, out: &mut Outbox) {
         while self.online && self.window_open() {
-            let Some(d) = self.queue.pop_front() else { break };
-            self.queued_bytes -= d.message.payload.len();
-            if d.message.is_expired(now) {
+            let Some(Queued { msg_id, delivery }) = self.queue.pop_front() else { break };
+            self.queued_bytes -= delivery.message.payload.len();
+            if delivery.message.is_expired(now) {
                 self.stats.dropped_expired += 1;
+                self.journal_push(Journal::Completed { msg_id });
                 continue;
             }
-            self.send_inflight(d, now, out);
+            if self.oversized(&delivery, now) {
+                self.journal_push(Journal::Completed { msg_id });
+                continue;
+            }
+            self.send_inflight(msg_id, delivery, now, out);
         }
     }
 
-    fn send_inflight(&mut self, delivery: Delivery, now: Instant, out: &mut Outbox) -> bool {
-        let packet_id = self.allocate_packet_id();
-        if !self.send_publish(&delivery, Some(packet_id), now, out) {
-            return false;
+    /// A QoS 1/2 message is now this session's to deliver: give it an id and journal it.
+    fn accept(&mut self, delivery: &Delivery) -> u64 {
+        let msg_id = self.next_msg_id;
+        self.next_msg_id += 1;
+        if self.is_persistent() {
+            self.journal.push(Journal::Enqueued { msg_id, delivery: delivery.clone() });
         }
+        msg_id
+    }
+
+    /// Whether `d` exceeds the client's Maximum Packet Size (MQTT 5 3.1.2.25: such a message is
+    /// discarded as if delivered); counted.
+    fn oversized(&mut self, d: &Delivery, now: Instant) -> bool {
+        let Some(max) = self.client_maximum_packet_size else { return false };
+        let packet = Packet::Publish(publish_packet(d, Some(PacketId(std::num::NonZeroU16::MIN)), now));
+        let too_large = encoded_len(&packet, self.protocol) > max as usize;
+        if too_large {
+            self.stats.dropped_too_large += 1;
+        }
+        too_large
+    }
+
+    /// Send an accepted message (already checked against the client's Maximum Packet Size).
+    fn send_inflight(&mut self, msg_id: u64, delivery: Delivery, now: Instant, out: &mut Outbox) {
+        let packet_id = self.allocate_packet_id();
+        out.packets.push(Packet::Publish(publish_packet(&delivery, Some(packet_id), now)));
         let state = if delivery.qos == QoS::ExactlyOnce { OutState::AwaitRec } else { OutState::AwaitAck };
-        self.inflight_out.push_back(OutFlight { packet_id, delivery, state });
-        true
+        self.journal_push(Journal::Sent { msg_id, packet_id });
+        self.inflight_out.push_back(OutFlight { msg_id, packet_id, delivery, state });
     }
 
     /// Push a PUBLISH unless it exceeds the client's Maximum Packet Size (MQTT 5 3.1.2.25:
@@ -506,7 +671,9 @@ impl Session {
         if let Some(pos) =
             self.inflight_out.iter().position(|f| f.packet_id == packet_id && f.state == expected)
         {
-            self.inflight_out.remove(pos);
+            if let Some(f) = self.inflight_out.remove(pos) {
+                self.journal_push(Journal::Completed { msg_id: f.msg_id });
+            }
         }
     }
 
@@ -518,11 +685,20 @@ impl Session {
         match pos {
             Some(pos) if r.reason.is_error() => {
                 // The receiver refused the message: the exchange ends here (MQTT 5 4.3.3).
-                self.inflight_out.remove(pos);
+                if let Some(f) = self.inflight_out.remove(pos) {
+                    self.journal_push(Journal::Completed { msg_id: f.msg_id });
+                }
             }
             Some(pos) => {
+                let mut advanced = None;
                 if let Some(f) = self.inflight_out.get_mut(pos) {
+                    if f.state != OutState::AwaitComp {
+                        advanced = Some(f.msg_id);
+                    }
                     f.state = OutState::AwaitComp;
+                }
+                if let Some(msg_id) = advanced {
+                    self.journal_push(Journal::PubrecReceived { msg_id });
                 }
                 out.packets.push(Packet::PubRel(PubResp::success(r.packet_id)));
             }
@@ -593,6 +769,9 @@ impl Session {
             // (MQTT 5 3.3.2.3.2), rather than dropping the message without a word.
             return Err(Close::error(ReasonCode::PayloadFormatInvalid));
         }
+        if let Some((packet_id, QoS::ExactlyOnce)) = ack {
+            self.journal_push(Journal::Qos2Received { packet_id });
+        }
         let expires_at = p
             .properties
             .message_expiry_interval
@@ -633,6 +812,7 @@ impl Session {
                 continue;
             }
             let subscription = Subscription { filter, options, id };
+            self.journal_push(Journal::Subscribe { filter: text.clone(), options, id });
             self.subscriptions.insert(text, subscription.clone());
             reasons.push(ReasonCode::granted(options.qos));
             added.push(Subscribed { subscription, existed });
@@ -648,6 +828,7 @@ impl Session {
         for text in &u.filters {
             match self.subscriptions.remove(text.as_str()) {
                 Some(s) => {
+                    self.journal_push(Journal::Unsubscribe { filter: text.clone() });
                     reasons.push(ReasonCode::Success);
                     removed.push(s.filter);
                 }

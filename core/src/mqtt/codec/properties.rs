@@ -242,3 +242,19 @@ fn write_list<S: Sink>(p: &Properties, out: &mut S) {
     byte(out, SUBSCRIPTION_IDENTIFIER_AVAILABLE, p.subscription_identifier_available);
     byte(out, SHARED_SUBSCRIPTION_AVAILABLE, p.shared_subscription_available);
 }
+
+/// Properties of a PUBLISH in their wire encoding (length prefix included), for storing a message
+/// outside a packet (the write-ahead log).
+pub fn encode_publish_properties(p: &Properties) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    write_properties(p, &mut out);
+    out.to_vec()
+}
+
+/// The inverse of [`encode_publish_properties`]; validated as PUBLISH properties.
+pub fn decode_publish_properties(bytes: &[u8]) -> Result<Properties, DecodeError> {
+    let mut r = Reader::new(bytes::Bytes::copy_from_slice(bytes));
+    let p = decode_properties(&mut r, PropertyContext::Packet(crate::mqtt::packet::PacketType::Publish))?;
+    r.finish()?;
+    Ok(p)
+}
