@@ -53,6 +53,37 @@ pub struct Cli {
     /// Log output format [default: text].
     #[arg(long, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
+
+    /// When an acknowledged message is on disk: "fsync" (before the acknowledgement) or
+    /// "interval" (synced every [durability] flush_interval_ms; a crash may lose that window)
+    /// [default: fsync].
+    #[arg(long, value_name = "MODE")]
+    pub durability: Option<DurabilityModeName>,
+}
+
+/// `durability` values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DurabilityModeName {
+    /// Acknowledged means fdatasync'd (group commit).
+    #[default]
+    Fsync,
+    /// Acknowledgements do not wait for the disk; the log is synced every flush_interval_ms.
+    Interval,
+}
+
+/// Default `[durability] flush_interval_ms`.
+pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 10;
+/// Default `[durability] segment_size_bytes`.
+pub const DEFAULT_SEGMENT_SIZE_BYTES: u64 = 64 << 20;
+
+/// `[durability]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DurabilitySection {
+    pub mode: Option<DurabilityModeName>,
+    pub flush_interval_ms: Option<u64>,
+    pub segment_size_bytes: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
@@ -85,6 +116,7 @@ pub struct FileConfig {
     pub mqtt: MqttSection,
     pub log: LogSection,
     pub limits: Limits,
+    pub durability: DurabilitySection,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,6 +146,9 @@ pub struct Config {
     pub log_level: String,
     pub log_format: LogFormat,
     pub limits: Limits,
+    pub durability: DurabilityModeName,
+    pub flush_interval_ms: u64,
+    pub segment_size_bytes: u64,
 }
 
 impl Config {
@@ -126,6 +161,17 @@ impl Config {
 
     /// The rules that make a configuration refuse to start.
     pub fn validate(&self) -> anyhow::Result<()> {
+        let seg = self.segment_size_bytes;
+        if seg % 4096 != 0 || !(flux_wal::MIN_SEGMENT_SIZE_BYTES..=flux_wal::MAX_SEGMENT_SIZE_BYTES).contains(&seg) {
+            bail!(
+                "[durability] segment_size_bytes = {seg} must be a multiple of 4096 between {} and {}",
+                flux_wal::MIN_SEGMENT_SIZE_BYTES,
+                flux_wal::MAX_SEGMENT_SIZE_BYTES
+            );
+        }
+        if !(1..=60_000).contains(&self.flush_interval_ms) {
+            bail!("[durability] flush_interval_ms = {} must be between 1 and 60000", self.flush_interval_ms);
+        }
         if !self.mqtt_listen.ip().is_loopback() && !self.allow_anonymous {
             bail!(
                 "refusing to start: MQTT listener {} is not a loopback address and authentication \
@@ -149,6 +195,16 @@ impl Config {
             allow_anonymous: self.effective_allow_anonymous(),
             data_dir: self.data_dir.clone(),
             io_memory_bytes: self.io_memory_bytes,
+            durability: flux_shard::durable::DurabilityConfig {
+                mode: match self.durability {
+                    DurabilityModeName::Fsync => flux_shard::durable::DurabilityMode::Fsync,
+                    DurabilityModeName::Interval => flux_shard::durable::DurabilityMode::Interval(
+                        std::time::Duration::from_millis(self.flush_interval_ms),
+                    ),
+                },
+                segment_size_bytes: self.segment_size_bytes,
+                ..Default::default()
+            },
         }
     }
 }
@@ -241,6 +297,9 @@ pub fn merge(
             .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string()),
         log_format: cli.log_format.or(file.log.format).unwrap_or_default(),
         limits: file.limits,
+        durability: cli.durability.or(file.durability.mode).unwrap_or_default(),
+        flush_interval_ms: file.durability.flush_interval_ms.unwrap_or(DEFAULT_FLUSH_INTERVAL_MS),
+        segment_size_bytes: file.durability.segment_size_bytes.unwrap_or(DEFAULT_SEGMENT_SIZE_BYTES),
     };
     config.validate()?;
     Ok(config)
@@ -268,7 +327,7 @@ mod tests {
     #[test]
     fn no_file_no_flags_gives_defaults() {
         let c = merge(&cli(&[]), FileConfig::default(), None, 6).unwrap();
-        assert_eq!(c.mqtt_listen, "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(c.mqtt_listen, "127.0.0.1:1883".parse::<SocketAddr>().unwrap());
         assert_eq!(c.data_dir, PathBuf::from("./data"));
         assert_eq!(c.shards, 6, "shards 0 means one per available core");
         assert!(!c.allow_anonymous);
@@ -303,7 +362,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/flux"));
         assert_eq!(c.shards, 3);
         assert_eq!(c.io_memory_bytes, 1024 * 1024);
-        assert_eq!(c.mqtt_listen, "127.0.0.1:2883".parse().unwrap());
+        assert_eq!(c.mqtt_listen, "127.0.0.1:2883".parse::<SocketAddr>().unwrap());
         assert_eq!(c.log_level, "debug");
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.limits.max_inflight_messages, 7);
@@ -329,7 +388,7 @@ mod tests {
         let c = merge(&flags, file, Some("trace".into()), 6).unwrap();
         assert_eq!(c.shards, 5);
         assert_eq!(c.data_dir, PathBuf::from("/b"));
-        assert_eq!(c.mqtt_listen, "[::1]:9000".parse().unwrap());
+        assert_eq!(c.mqtt_listen, "[::1]:9000".parse::<SocketAddr>().unwrap());
         assert_eq!(c.log_level, "warn", "the flag beats RUST_LOG and the file");
         assert_eq!(c.log_format, LogFormat::Text);
     }
@@ -460,6 +519,22 @@ mod tests {
             d,
             "the example documents the defaults"
         );
+    }
+
+    #[test]
+    fn durability_flag_beats_the_file_and_bad_values_are_refused() {
+        let file = parse("[durability]\nmode = \"interval\"\nflush_interval_ms = 50\n").unwrap();
+        let c = merge(&cli(&[]), file, None, 4).unwrap();
+        assert_eq!((c.durability, c.flush_interval_ms), (DurabilityModeName::Interval, 50));
+        let file = parse("[durability]\nmode = \"interval\"\n").unwrap();
+        let c = merge(&cli(&["--durability", "fsync"]), file, None, 4).unwrap();
+        assert_eq!(c.durability, DurabilityModeName::Fsync);
+        let file = parse("[durability]\nsegment_size_bytes = 5000\n").unwrap();
+        let err = merge(&cli(&[]), file, None, 4).unwrap_err().to_string();
+        assert!(err.contains("segment_size_bytes"), "{err}");
+        let file = parse("[durability]\nflush_interval_ms = 0\n").unwrap();
+        assert!(merge(&cli(&[]), file, None, 4).is_err());
+        assert!(parse("[durability]\nmode = \"sometimes\"\n").is_err());
     }
 
     /// A new field in `flux_core::Limits` must be documented in the example too. Limits has no

@@ -12,6 +12,12 @@
 //!
 //! At the end the client reconnects and answers everything: every message delivered was received
 //! or (queue full) dropped, never both, and the drops are counted exactly.
+//!
+//! Crashes: the session's journal is replayed after every step onto a `RestoredSession`, as the
+//! shard's log would be; a crash replaces the session by `Session::restore` of that image (and
+//! checks that the checkpoint form, `snapshot_journal`, rebuilds the same image). The same
+//! invariants must hold across it: nothing acknowledged comes back, nothing unacknowledged is lost,
+//! retransmissions keep their packet ids.
 
 mod session_support;
 
@@ -19,7 +25,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Instant;
 
 use flux_core::mqtt::{Packet, PubResp, QoS};
-use flux_core::session::{DeliverOutcome, DropReason, Outbox, Session};
+use flux_core::session::{DeliverOutcome, DropReason, Outbox, RestoredSession, Session};
 use flux_core::Limits;
 use proptest::prelude::*;
 use session_support::*;
@@ -33,6 +39,8 @@ enum Op {
     Disconnect,
     /// (Re)connect with this Receive Maximum; a connected client is taken over.
     Reconnect(u16),
+    /// The server crashes and restarts from its log.
+    Crash,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -41,6 +49,7 @@ fn op() -> impl Strategy<Value = Op> {
         5 => (0usize..64).prop_map(Op::Ack),
         1 => Just(Op::Disconnect),
         1 => (1u16..=5).prop_map(Op::Reconnect),
+        1 => Just(Op::Crash),
     ]
 }
 
@@ -83,6 +92,11 @@ struct Model {
     acknowledged: BTreeSet<u64>,
     /// Answers the client owes on this connection.
     owed: Vec<(u16, Answer)>,
+    /// The session's journal so far, replayed (what the log would give back).
+    image: RestoredSession,
+    limits: Limits,
+    /// Queue-full drops counted by sessions that crashed (a restored session counts from 0).
+    dropped_before_crash: u64,
 }
 
 impl Model {
@@ -90,7 +104,16 @@ impl Model {
         let limits = Limits { max_inflight_messages: server_max_inflight, max_queued_messages, ..Limits::default() };
         let now = Instant::now();
         let (session, _) = online(&Self::connect(receive_max), &limits, now);
+        let image = RestoredSession {
+            client_id: "c".into(),
+            protocol_level: 5,
+            session_expiry_secs: 3600,
+            ..RestoredSession::default()
+        };
         Model {
+            image,
+            limits: limits.clone(),
+            dropped_before_crash: 0,
             session,
             now,
             server_max_inflight,
@@ -120,8 +143,29 @@ impl Model {
             Op::Ack(i) => self.answer(i),
             Op::Disconnect => self.disconnect(),
             Op::Reconnect(receive_max) => self.reconnect(receive_max),
+            Op::Crash => self.crash(),
         }
+        self.journal();
         self.check_counts();
+    }
+
+    fn journal(&mut self) {
+        for entry in self.session.take_journal() {
+            self.image.apply(entry);
+        }
+    }
+
+    fn crash(&mut self) {
+        self.journal();
+        let mut from_snapshot = RestoredSession { client_id: "c".into(), protocol_level: 5, session_expiry_secs: 3600, ..RestoredSession::default() };
+        for entry in self.session.snapshot_journal() {
+            from_snapshot.apply(entry);
+        }
+        assert_eq!(describe(&from_snapshot), describe(&self.image), "checkpoint and journal disagree");
+        self.dropped_before_crash += self.session.stats.dropped_queue_full;
+        self.session = Session::restore(self.image.clone(), &self.limits);
+        self.online = false;
+        self.owed.clear();
     }
 
     fn deliver(&mut self, qos: QoS) {
@@ -266,7 +310,7 @@ impl Model {
         let sent = self.first_id.len() as u64;
         let dropped = self.dropped.len() as u64;
         assert_eq!(self.session.queued_len() as u64, self.next_seq - sent - dropped);
-        assert_eq!(self.session.stats.dropped_queue_full, dropped);
+        assert_eq!(self.session.stats.dropped_queue_full + self.dropped_before_crash, dropped);
     }
 
     /// Reconnect if needed and answer everything until the session has nothing left.
@@ -293,6 +337,20 @@ impl Model {
         }
         assert_eq!(self.received.len() + self.dropped.len(), self.next_seq as usize);
     }
+}
+
+/// The parts of an image that matter, comparable.
+fn describe(image: &RestoredSession) -> (Vec<(u64, Option<u16>, bool, Vec<u8>)>, Vec<u16>, Vec<String>) {
+    let messages = image
+        .messages
+        .iter()
+        .map(|m| (m.msg_id, m.packet_id.map(|p| p.get()), m.pubrec_received, m.delivery.message.payload.to_vec()))
+        .collect();
+    let mut qos2: Vec<u16> = image.qos2_in.iter().map(|p| p.get()).collect();
+    qos2.sort_unstable();
+    let mut subs: Vec<String> = image.subscriptions.iter().map(|(f, _)| f.clone()).collect();
+    subs.sort();
+    (messages, qos2, subs)
 }
 
 fn seq_of(p: &flux_core::mqtt::Publish) -> u64 {

@@ -18,7 +18,7 @@ use flux_core::session::{connack_refusal, negotiate, Close, Event};
 use flux_shard::broker::{Broker, ConnectionPermit, Opened};
 use flux_shard::handover::SocketHandover;
 use flux_shard::msg::ShardMsg;
-use flux_shard::outbound::Outbound;
+use flux_shard::outbound::{Next, Outbound};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -191,20 +191,26 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
     let writer_stream = stream.clone();
     let writer_task = glommio::spawn_local(async move {
         loop {
-            let data = writer_conn.take();
-            if !data.is_empty() {
-                if write_all(&writer_stream, &data).await.is_err() {
+            match writer_conn.next() {
+                Next::Write(data) => {
+                    if write_all(&writer_stream, &data).await.is_err() {
+                        writer_conn.shutdown_socket();
+                        break;
+                    }
+                    writer_conn.notify_drained();
+                }
+                Next::Wait(hold) => {
+                    if !hold.resolve().await {
+                        tracing::error!("durable write failed; acknowledgement withheld and connection closed");
+                        writer_conn.fail_held();
+                    }
+                }
+                Next::Idle if writer_conn.is_closing() => {
                     writer_conn.shutdown_socket();
                     break;
                 }
-                writer_conn.notify_drained();
-                continue;
+                Next::Idle => writer_conn.wait().await,
             }
-            if writer_conn.is_closing() {
-                writer_conn.shutdown_socket();
-                break;
-            }
-            writer_conn.wait().await;
         }
     })
     .detach();
@@ -291,8 +297,8 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
 }
 
 /// Work the read loop must finish before the next packet: rare (a SUBACK waiting for every
-/// shard's route table, a PUBACK waiting for the retained store), so it is boxed and the
-/// connection's own state stays small.
+/// shard's route table and the retained replay), so it is boxed and the connection's own state
+/// stays small.
 type Continuation = Pin<Box<dyn Future<Output = ()>>>;
 
 /// Run one packet through the session and carry out its events.
@@ -302,10 +308,12 @@ fn process(broker: &Rc<Broker>, opened: &Opened, packet: Packet) -> Result<Optio
     let mut wait: Option<Continuation> = None;
     for event in broker.handle_packet(key, packet, now)? {
         let next: Option<Continuation> = match event {
-            Event::Publish { message, ack } => broker.publish_from(key, conn_id, message, ack, now).map(|pending| {
-                let broker = broker.clone();
-                Box::pin(async move { pending.send_when_applied(&broker).await }) as Continuation
-            }),
+            Event::Publish { message, ack } => {
+                // The acknowledgement waits (if it must) in the connection's outbound stream,
+                // behind a hold, so reading goes on meanwhile.
+                broker.publish_from(key, conn_id, message, ack, now);
+                None
+            }
             Event::Subscribe { added, suback } => {
                 let broker = broker.clone();
                 Some(Box::pin(async move { broker.subscribe(key, conn_id, added, suback, now).await }))

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use flux_core::{Limits, ShardId};
 use flux_shard::broker::Broker;
+use flux_shard::durable::{shard_log_dir, DurabilityConfig, DurabilityMode, Replayed, ShardLog, WallClock};
 use flux_shard::executor::{run_shards_with, ExecutorSpec, Pinning};
 use flux_shard::handover::SocketHandover;
 use flux_shard::mesh::{build_mesh, MeshEndpoints};
@@ -37,6 +38,8 @@ pub struct BrokerConfig {
     /// io_uring registered-buffer memory per executor, in bytes (glommio `io_memory`). The CLI
     /// raises RLIMIT_MEMLOCK to cover `shards * io_memory_bytes` or lowers this value.
     pub io_memory_bytes: usize,
+    /// The per-shard write-ahead logs under `data_dir` (`wal-shard-N`).
+    pub durability: DurabilityConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +48,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot start shard executor: {0}")]
     Executor(String),
+    #[error("cannot recover shard {shard}'s write-ahead log in {dir}: {reason}")]
+    Recovery { shard: u16, dir: String, reason: String },
 }
 
 /// Run the broker until `shutdown` becomes true, then disconnect clients (MQTT 5: DISCONNECT 0x8B
@@ -141,6 +146,30 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
             tracing::info!(%addr, shards = shared.config.shards, "mqtt listener bound");
         }
     }
+    // Recover this shard's log before serving anyone: its sessions and retained messages come
+    // back, and its subscriptions are in every shard's route table before the first accept.
+    let clock = WallClock::now();
+    let dir = shard_log_dir(&shared.config.data_dir, me);
+    let mut replayed = Replayed::default();
+    let log = match ShardLog::open(dir.clone(), &shared.config.durability, clock, |r| replayed.apply(r, &clock)).await {
+        Ok(log) => Rc::new(log),
+        Err(e) => {
+            tracing::error!(shard = %me, dir = %dir.display(), error = %e, "WAL recovery failed");
+            *lock(&shared.error) =
+                Some(StartError::Recovery { shard: me.0, dir: dir.display().to_string(), reason: e.to_string() });
+            shared.shutdown.store(true, Ordering::Relaxed);
+            // Keep answering the mesh so the other shards' start-up never waits on this one.
+            let m = mesh.clone();
+            inbound.spawn_drains(None, move |from, batch| {
+                for msg in batch {
+                    if let ShardMsg::RouteUpdate { req: Some(req), .. } = msg {
+                        m.send(from, ShardMsg::Ack { req });
+                    }
+                }
+            });
+            return;
+        }
+    };
     let broker = Rc::new_cyclic(|weak: &std::rc::Weak<Broker>| {
         let weak = weak.clone();
         let on_handover = Box::new(move |h: SocketHandover| {
@@ -152,10 +181,25 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
                 Err(e) => tracing::warn!(error = %e, "cannot adopt handed-over socket"),
             };
         });
-        Broker::new(mesh.clone(), shared.config.limits.clone(), shared.connections.clone(), on_handover)
+        Broker::new(mesh.clone(), shared.config.limits.clone(), shared.connections.clone(), on_handover, Some(log.clone()))
     });
     let b = broker.clone();
     inbound.spawn_drains(None, move |from, batch| b.on_shard_msgs(from, batch));
+    glommio::spawn_local(broker.clone().run_confirmations()).detach();
+    glommio::spawn_local(broker.clone().run_checkpoints()).detach();
+    if let DurabilityMode::Interval(every) = shared.config.durability.mode {
+        let l = log.clone();
+        glommio::spawn_local(async move {
+            loop {
+                glommio::timer::sleep(every).await;
+                l.flush().await;
+            }
+        })
+        .detach();
+    }
+    for wait in broker.restore(replayed, Instant::now()) {
+        wait.done().await;
+    }
 
     let b = broker.clone();
     let housekeeping = glommio::spawn_local(async move {
@@ -192,6 +236,9 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
     let deadline = Instant::now() + Duration::from_secs(3);
     while broker.connected_sessions() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+    if !log.flush().await {
+        tracing::error!(shard = %me, "final WAL flush failed");
     }
     tracing::info!(shard = %me, "shard stopped");
 }

@@ -20,16 +20,20 @@ use flux_core::session::{
 };
 use flux_core::topic::{SubscriptionFilter, SubscriptionTrie, TopicFilter, TopicTree};
 use flux_core::{Limits, ShardId};
+use flux_wal::Record;
 
+use crate::durable::{self, LogMark, Pending, ShardLog, WallClock};
 use crate::handover::SocketHandover;
 use crate::mesh::Mesh;
 use crate::msg::{RouteKey, ShardMsg};
-use crate::outbound::Outbound;
+use crate::outbound::{Hold, Outbound};
 use crate::routes::RouteTable;
 use crate::signal::{Gather, GatherState};
 
 /// Identifies one session incarnation on this shard (never reused).
 pub type SessKey = u64;
+
+mod persist;
 
 /// A session and, while a client is attached, its connection.
 pub struct SessionEntry {
@@ -38,6 +42,9 @@ pub struct SessionEntry {
     /// Which connection is attached: a reader that ends after a takeover must not detach the
     /// connection that replaced it.
     pub conn_id: u64,
+    /// The shard's log holds a live `SessionCreate` for this session (it is persistent and
+    /// everything it journals is written).
+    pub logged: bool,
 }
 
 /// Counters for logs and metrics.
@@ -86,6 +93,9 @@ pub struct Broker {
     mesh: Mesh<ShardMsg>,
     connections: Arc<AtomicUsize>,
     on_handover: Box<dyn Fn(SocketHandover)>,
+    /// This shard's write-ahead log; `None`: nothing is durable (tests of the runtime alone).
+    log: Option<Rc<ShardLog>>,
+    clock: WallClock,
     state: RefCell<State>,
     pub stats: BrokerStats,
 }
@@ -98,23 +108,6 @@ pub struct ConnectionPermit {
 impl Drop for ConnectionPermit {
     fn drop(&mut self) {
         self.count.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A PUBACK/PUBREC that waits until every durable effect of its publish has been applied.
-pub struct PendingAck {
-    applied: Gather,
-    key: SessKey,
-    conn_id: u64,
-    packet_id: PacketId,
-    qos: QoS,
-    matched: bool,
-}
-
-impl PendingAck {
-    pub async fn send_when_applied(self, broker: &Broker) {
-        self.applied.done().await;
-        broker.send_publish_ack(self.key, self.conn_id, self.packet_id, self.qos, self.matched);
     }
 }
 
@@ -131,7 +124,9 @@ impl Broker {
         limits: Limits,
         connections: Arc<AtomicUsize>,
         on_handover: Box<dyn Fn(SocketHandover)>,
+        log: Option<Rc<ShardLog>>,
     ) -> Broker {
+        let clock = log.as_ref().map_or_else(WallClock::now, |l| *l.clock());
         Broker {
             me: mesh.me(),
             shard_count: mesh.shard_count(),
@@ -139,6 +134,8 @@ impl Broker {
             mesh,
             connections,
             on_handover,
+            log,
+            clock,
             state: RefCell::new(State::default()),
             stats: BrokerStats::default(),
         }
@@ -178,12 +175,14 @@ impl Broker {
     }
 
     /// Attach a connection to its session (taking over a connected one, discarding it on clean
-    /// start, or resuming it). Sends CONNACK and any retransmissions through `conn`.
+    /// start, or resuming it). Sends CONNACK and any retransmissions through `conn`; for a
+    /// persistent session they wait until the session's records are durable.
     pub fn open_session(&self, negotiated: &Negotiated, conn: Rc<Outbound>, now: Instant) -> Opened {
+        let mark = self.mark();
         let client_id: Arc<str> = Arc::from(negotiated.client_id.as_str());
         let mut wills = Vec::new();
         let mut handoff = Vec::new();
-        let mut discarded: Option<(SessKey, Vec<SubscriptionFilter>)> = None;
+        let mut discarded: Option<(SessKey, Vec<SubscriptionFilter>, bool)> = None;
         let mut out = Outbox::default();
         let existing = {
             let st = self.state.borrow();
@@ -210,16 +209,39 @@ impl Broker {
                 ended = session_ended;
             }
             if negotiated.clean_start || ended {
+                let had_will = e.session.pending_will().is_some();
                 wills.extend(e.session.take_pending_will(now));
-                discarded = Some((key, e.session.take_subscriptions()));
+                if had_will && e.logged {
+                    self.append(Record::WillDone { client_id: client_id.to_string() });
+                }
+                discarded = Some((key, e.session.take_subscriptions(), e.logged));
             } else {
+                let had_will = e.session.pending_will().is_some();
                 e.session.attach(negotiated, now, &mut out);
                 e.conn = Some(conn.clone());
                 e.conn_id = conn_id;
+                if e.logged && had_will {
+                    self.append(Record::WillDone { client_id: client_id.to_string() });
+                }
+                if e.logged && !e.session.is_persistent() {
+                    // Resumed with expiry 0: it ends with this connection; nothing to keep.
+                    self.append(Record::SessionExpire { client_id: client_id.to_string() });
+                    e.logged = false;
+                } else if e.logged {
+                    self.append(Record::SessionResumed {
+                        client_id: client_id.to_string(),
+                        protocol_level: protocol_level(&e.session),
+                        session_expiry_secs: e.session.session_expiry_secs(),
+                    });
+                }
+                self.write_journal(&mut e);
                 resumed = Some(key);
             }
         }
-        if let Some((key, subs)) = discarded {
+        if let Some((key, subs, logged)) = discarded {
+            if logged {
+                self.append(Record::SessionExpire { client_id: client_id.to_string() });
+            }
             self.remove_subscriptions(key, &subs);
             let mut st = self.state.borrow_mut();
             st.entries.remove(&key);
@@ -230,18 +252,40 @@ impl Broker {
             None => {
                 let mut session = Session::new(negotiated, &self.limits);
                 session.attach(negotiated, now, &mut out);
+                let logged = self.log.is_some() && session.is_persistent();
+                let mut entry = SessionEntry { session, conn: Some(conn.clone()), conn_id, logged };
+                if logged {
+                    self.append(Record::SessionCreate {
+                        client_id: client_id.to_string(),
+                        protocol_level: protocol_level(&entry.session),
+                        session_expiry_secs: entry.session.session_expiry_secs(),
+                    });
+                }
+                self.write_journal(&mut entry);
                 let mut st = self.state.borrow_mut();
                 st.next_key += 1;
                 let key = st.next_key;
-                let entry = SessionEntry { session, conn: Some(conn.clone()), conn_id };
                 st.entries.insert(key, Rc::new(RefCell::new(entry)));
-                st.by_client_id.insert(client_id, key);
+                st.by_client_id.insert(client_id.clone(), key);
                 (key, false)
             }
         };
         let connack = negotiated.connack(session_present, &self.limits);
-        conn.send([&Packet::ConnAck(connack)]);
-        conn.send(&out.packets);
+        match self.hold_since(mark) {
+            Ok(hold) => {
+                conn.send_after(hold, [&Packet::ConnAck(connack)]);
+                conn.send(&out.packets);
+            }
+            Err(()) => {
+                tracing::error!(client_id = %client_id, "session state cannot be written to the log; connection refused");
+                let mut refusal = flux_core::session::connack_refusal(ReasonCode::UnspecifiedError);
+                if !negotiated.protocol.is_v5() {
+                    refusal = flux_core::session::connack_refusal(ReasonCode::ServerUnavailable);
+                }
+                conn.send([&Packet::ConnAck(refusal)]);
+                conn.close(None);
+            }
+        }
         for will in wills {
             self.publish(will, now);
         }
@@ -251,8 +295,9 @@ impl Broker {
         Opened { key, conn_id, session_present }
     }
 
-    /// Run one packet from the client through its session; packets go straight out, events are
-    /// returned for the caller (which may need to await for subscribes).
+    /// Run one packet from the client through its session; packets go straight out (for a
+    /// persistent session, after its records are durable), events are returned for the caller
+    /// (which may need to await for subscribes).
     pub fn handle_packet(
         &self,
         key: SessKey,
@@ -263,51 +308,54 @@ impl Broker {
         let mut out = Outbox::default();
         let mut e = entry.borrow_mut();
         let result = e.session.handle(packet, now, &mut out);
-        if let Some(c) = &e.conn {
-            c.send(&out.packets);
-        }
+        self.write_journal(&mut e);
+        self.send_to(&e, &out.packets, None);
         result.map(|()| out.events)
     }
 
-    /// Route a publish from a client of this shard and acknowledge it. When an effect that
-    /// outlives the publish is still being applied elsewhere (a QoS >= 1 retained message on its
-    /// owner shard), the acknowledgement waits: the returned [`PendingAck`] sends it once that is
-    /// done, and the caller must await it before the client's next packet (acks keep publish
-    /// order, MQTT 4.6).
-    pub fn publish_from(&self, key: SessKey, conn_id: u64, message: Message, ack: Option<(PacketId, QoS)>, now: Instant) -> Option<PendingAck> {
-        let retained = match (&ack, message.retain) {
-            (Some(_), true) => Some(self.retain(message.clone(), true)),
-            (None, true) => {
-                self.retain(message.clone(), false);
-                None
-            }
-            _ => None,
-        };
-        let matched = self.route(&message, now) || retained.is_some();
-        let (packet_id, qos) = ack?;
-        match retained {
-            Some(applied) if !applied.is_done() => Some(PendingAck { applied, key, conn_id, packet_id, qos, matched }),
-            _ => {
-                self.send_publish_ack(key, conn_id, packet_id, qos, matched);
-                None
-            }
+    /// Route a publish from a client of this shard and acknowledge it. The acknowledgement goes
+    /// out (in order with everything else sent to the client) only once every durable effect is
+    /// committed: this shard's log (retained store, queues of persistent sessions here) and the
+    /// confirmations of the other shards that took it. A publish whose durable effects were
+    /// refused gets MQTT 5 PUBACK/PUBREC 0x80; an MQTT 3.1.1 publisher is disconnected.
+    pub fn publish_from(&self, key: SessKey, conn_id: u64, message: Message, ack: Option<(PacketId, QoS)>, now: Instant) {
+        let mark = self.mark();
+        let req = ack.map(|_| self.next_req());
+        let mut remote = 0usize;
+        if message.retain {
+            remote += usize::from(self.retain(message.clone(), req));
         }
-    }
-
-    /// Acknowledge a publish on the connection that sent it; if that connection was taken over
-    /// meanwhile the ack is dropped (the client re-sends the PUBLISH when it resumes).
-    fn send_publish_ack(&self, key: SessKey, conn_id: u64, packet_id: PacketId, qos: QoS, matched: bool) {
-        if let Some(entry) = self.entry(key) {
-            let mut out = Outbox::default();
-            let mut e = entry.borrow_mut();
-            if e.conn_id != conn_id {
+        let (matched, routed_remote) = self.route(&message, req, now);
+        remote += routed_remote;
+        let matched = matched || message.retain;
+        let (Some((packet_id, qos)), Some(req)) = (ack, req) else { return };
+        let remote_hold = (remote > 0).then(|| {
+            let g = GatherState::new(remote);
+            self.state.borrow_mut().pending.insert(req, g.clone());
+            Hold::Remote(g)
+        });
+        let Some(entry) = self.entry(key) else { return };
+        let mut e = entry.borrow_mut();
+        if e.conn_id != conn_id {
+            // Taken over meanwhile: the client re-sends the PUBLISH when it resumes.
+            return;
+        }
+        let mut out = Outbox::default();
+        let local = self.pending_for(&e, mark);
+        if local == Pending::Failed {
+            tracing::warn!(client_id = %e.session.client_id(), topic = %message.topic, "publish refused: its durable effects could not be written");
+            if e.session.publish_refused(packet_id, qos, ReasonCode::UnspecifiedError, &mut out).is_err() {
+                if let Some(c) = &e.conn {
+                    c.close(None);
+                }
                 return;
             }
-            e.session.publish_routed(packet_id, qos, matched, &mut out);
-            if let Some(c) = &e.conn {
-                c.send(&out.packets);
-            }
+            self.write_journal(&mut e);
+            self.send_to(&e, &out.packets, None);
+            return;
         }
+        e.session.publish_routed(packet_id, qos, matched, &mut out);
+        self.send_to(&e, &out.packets, remote_hold);
     }
 
     /// Route `message` to every shard with a matching subscriber (one hop per shard, batched by
@@ -315,13 +363,15 @@ impl Broker {
     /// Returns whether anything took it.
     pub fn publish(&self, message: Message, now: Instant) -> bool {
         if message.retain {
-            self.retain(message.clone(), false);
+            self.retain(message.clone(), None);
         }
-        self.route(&message, now)
+        self.route(&message, None, now).0
     }
 
-    /// Deliver to live subscribers only (the retained store is the caller's business).
-    fn route(&self, message: &Message, now: Instant) -> bool {
+    /// Deliver to live subscribers only (the retained store is the caller's business). With
+    /// `confirm`, every other shard that takes the message answers request `confirm` once what it
+    /// stored is durable. Returns whether anything took it, and how many answers to expect.
+    fn route(&self, message: &Message, confirm: Option<u64>, now: Instant) -> (bool, usize) {
         self.stats.published.set(self.stats.published.get() + 1);
         let mut dest = vec![false; usize::from(self.shard_count)];
         let mut groups = Vec::new();
@@ -337,6 +387,7 @@ impl Broker {
             }
         }
         let mut matched = !picks.is_empty();
+        let mut confirms = 0;
         for (i, wanted) in dest.iter().enumerate() {
             if !wanted {
                 continue;
@@ -346,42 +397,51 @@ impl Broker {
             if shard == self.me {
                 self.deliver_local(message, now);
             } else {
-                self.mesh.send(shard, ShardMsg::Publish(message.clone()));
+                confirms += usize::from(confirm.is_some());
+                self.mesh.send(shard, ShardMsg::Publish { message: message.clone(), confirm });
             }
         }
         for (shard, group, filter) in picks {
             if shard == self.me {
-                self.deliver_shared(message.clone(), group, filter, 0, None, now);
+                // Re-routed elsewhere only when no member is left here; then that shard confirms.
+                if let Some(req) = confirm {
+                    if self.deliver_shared(message.clone(), group, filter, 0, None, Some((self.me, req)), now) {
+                        confirms += 1;
+                    }
+                } else {
+                    self.deliver_shared(message.clone(), group, filter, 0, None, None, now);
+                }
             } else {
-                self.mesh.send(shard, ShardMsg::PublishShared { message: message.clone(), group, filter, hops: 0 });
+                confirms += usize::from(confirm.is_some());
+                let confirm = confirm.map(|req| (self.me, req));
+                self.mesh.send(shard, ShardMsg::PublishShared { message: message.clone(), group, filter, hops: 0, confirm });
             }
         }
-        matched
+        (matched, confirms)
     }
 
     /// Send `message` to the retained store of its topic's owner shard. With `confirm`, the
-    /// returned gather completes once the owner has applied it.
-    fn retain(&self, message: Message, confirm: bool) -> Gather {
+    /// owner answers that request once the change is durable; returns whether an answer is due.
+    fn retain(&self, message: Message, confirm: Option<u64>) -> bool {
         let owner = flux_core::shard_for(message.topic.as_str().as_bytes(), self.shard_count);
         if owner == self.me {
             self.apply_retain(message);
-            return GatherState::new(0);
+            return false;
         }
-        let (gather, req) = if confirm {
-            let g = GatherState::new(1);
-            let mut st = self.state.borrow_mut();
-            st.next_req += 1;
-            let req = st.next_req;
-            st.pending.insert(req, g.clone());
-            (g, Some(req))
-        } else {
-            (GatherState::new(0), None)
-        };
-        self.mesh.send(owner, ShardMsg::RetainSet { message, req });
-        gather
+        self.mesh.send(owner, ShardMsg::RetainSet { message, req: confirm });
+        confirm.is_some()
     }
 
+    /// Set or clear a retained message this shard owns, and log the change.
     fn apply_retain(&self, message: Message) {
+        if self.log.is_some() {
+            let record = if message.payload.is_empty() {
+                Record::RetainedClear { topic: message.topic.as_str().to_owned() }
+            } else {
+                Record::RetainedSet { message: durable::stored_message(&message, &self.clock) }
+            };
+            self.append(record);
+        }
         let mut st = self.state.borrow_mut();
         if message.payload.is_empty() {
             st.retained.remove(&message.topic);
@@ -414,8 +474,19 @@ impl Broker {
     }
 
     /// Deliver to one local member of a shared group (round-robin, online members first); if
-    /// none is left here, send it back to another shard of the group.
-    fn deliver_shared(&self, message: Message, group: Arc<str>, filter: TopicFilter, hops: u8, exclude: Option<SessKey>, now: Instant) {
+    /// none is left here, send it back to another shard of the group, which then answers
+    /// `confirm`. Returns whether it was sent on (with `confirm`).
+    #[allow(clippy::too_many_arguments)]
+    fn deliver_shared(
+        &self,
+        message: Message,
+        group: Arc<str>,
+        filter: TopicFilter,
+        hops: u8,
+        exclude: Option<SessKey>,
+        confirm: Option<(ShardId, u64)>,
+        now: Instant,
+    ) -> bool {
         let candidate = {
             let mut st = self.state.borrow_mut();
             let State { shared_local, entries, .. } = &mut *st;
@@ -447,7 +518,7 @@ impl Broker {
                 d.shared = Some((group, filter));
                 self.deliver_to(&entry, d, now);
             }
-            return;
+            return false;
         }
         let next = if usize::from(hops) < usize::from(self.shard_count) {
             self.state.borrow_mut().routes.pick_shared(&group, &filter, Some(self.me))
@@ -455,17 +526,21 @@ impl Broker {
             None
         };
         match next {
-            Some(shard) => self.mesh.send(shard, ShardMsg::PublishShared { message, group, filter, hops: hops + 1 }),
+            Some(shard) => {
+                self.mesh.send(shard, ShardMsg::PublishShared { message, group, filter, hops: hops + 1, confirm });
+                confirm.is_some()
+            }
             None => {
                 self.stats.dropped_shared_no_member.set(self.stats.dropped_shared_no_member.get() + 1);
                 tracing::debug!(%group, %filter, "shared subscription group has no member left; message dropped");
+                false
             }
         }
     }
 
     fn redispatch_shared(&self, d: Delivery, exclude: Option<SessKey>, now: Instant) {
         if let Some((group, filter)) = d.shared {
-            self.deliver_shared(d.message, group, filter, 0, exclude, now);
+            self.deliver_shared(d.message, group, filter, 0, exclude, None, now);
         }
     }
 
@@ -497,9 +572,8 @@ impl Broker {
             }
             DeliverOutcome::Dropped(_) => {}
         }
-        if let Some(c) = &e.conn {
-            c.send(&out.packets);
-        }
+        self.write_journal(&mut e);
+        self.send_to(&e, &out.packets, None);
     }
 
     /// Add a session's new subscriptions to the tables, wait until every shard's route table has
@@ -546,7 +620,13 @@ impl Broker {
             e.conn.clone().filter(|_| e.conn_id == conn_id)
         };
         if let Some(c) = &conn {
-            c.send([&Packet::SubAck(suback)]);
+            // The subscriptions were journalled when the SUBSCRIBE was handled.
+            let logged = entry.borrow().logged;
+            match self.log.as_ref().filter(|_| logged).map(|l| Hold::from_pending(l, l.all_appended())) {
+                None => c.send([&Packet::SubAck(suback)]),
+                Some(Ok(hold)) => c.send_after(hold, [&Packet::SubAck(suback)]),
+                Some(Err(())) => c.fail_held(),
+            }
         }
         let now = now.max(Instant::now());
         for d in retained {
@@ -697,6 +777,27 @@ impl Broker {
             e.conn = None;
             let (will, ended) = e.session.detach(now, publish_will);
             let handoff = e.session.take_shared_undelivered();
+            self.write_journal(&mut e);
+            if e.logged {
+                let client_id = e.session.client_id().to_string();
+                if ended {
+                    self.append(Record::SessionExpire { client_id });
+                    e.logged = false;
+                } else {
+                    self.append(Record::SessionDisconnected {
+                        client_id: client_id.clone(),
+                        at_ms: self.clock.to_ms(now),
+                        session_expiry_secs: e.session.session_expiry_secs(),
+                    });
+                    if let Some(w) = e.session.pending_will() {
+                        self.append(Record::WillDelayed {
+                            client_id,
+                            publish_at_ms: self.clock.to_ms(w.publish_at),
+                            will: durable::stored_message(&w.message, &self.clock),
+                        });
+                    }
+                }
+            }
             let subs = if ended { e.session.take_subscriptions() } else { Vec::new() };
             let deadlines: Vec<Instant> =
                 e.session.expires_at().into_iter().chain(e.session.pending_will().map(|w| w.publish_at)).collect();
@@ -754,7 +855,17 @@ impl Broker {
             let (will, expired) = {
                 let mut e = entry.borrow_mut();
                 let will = e.session.take_due_will(now);
-                (will, e.session.is_expired(now))
+                let expired = e.session.is_expired(now);
+                if e.logged {
+                    let client_id = e.session.client_id().to_string();
+                    if expired {
+                        self.append(Record::SessionExpire { client_id });
+                        e.logged = false;
+                    } else if will.is_some() {
+                        self.append(Record::WillDone { client_id });
+                    }
+                }
+                (will, expired)
             };
             if let Some(w) = will {
                 self.publish(w, now);
@@ -791,9 +902,19 @@ impl Broker {
         let now = Instant::now();
         for msg in batch {
             match msg {
-                ShardMsg::Publish(m) => self.deliver_local(&m, now),
-                ShardMsg::PublishShared { message, group, filter, hops } => {
-                    self.deliver_shared(message, group, filter, hops, None, now)
+                ShardMsg::Publish { message, confirm } => {
+                    let mark = self.mark();
+                    self.deliver_local(&message, now);
+                    if let Some(req) = confirm {
+                        self.confirm(from, req, mark);
+                    }
+                }
+                ShardMsg::PublishShared { message, group, filter, hops, confirm } => {
+                    let mark = self.mark();
+                    let sent_on = self.deliver_shared(message, group, filter, hops, None, confirm, now);
+                    if let (Some((to, req)), false) = (confirm, sent_on) {
+                        self.confirm(to, req, mark);
+                    }
                 }
                 ShardMsg::RouteUpdate { key, shard, members, req } => {
                     self.state.borrow_mut().routes.set(&key, shard, members);
@@ -802,10 +923,17 @@ impl Broker {
                     }
                 }
                 ShardMsg::Ack { req } => self.reply(req, Vec::new()),
+                ShardMsg::Failed { req } => {
+                    if let Some(g) = self.state.borrow().pending.get(&req) {
+                        g.fail();
+                    }
+                    self.reply(req, Vec::new());
+                }
                 ShardMsg::RetainSet { message, req } => {
+                    let mark = self.mark();
                     self.apply_retain(message);
                     if let Some(req) = req {
-                        self.mesh.send(from, ShardMsg::Ack { req });
+                        self.confirm(from, req, mark);
                     }
                 }
                 ShardMsg::RetainQuery { filter, reply_to, req } => {
@@ -829,6 +957,111 @@ impl Broker {
 
     fn entry(&self, key: SessKey) -> Option<Rc<RefCell<SessionEntry>>> {
         self.state.borrow().entries.get(&key).cloned()
+    }
+
+    fn next_req(&self) -> u64 {
+        let mut st = self.state.borrow_mut();
+        st.next_req += 1;
+        st.next_req
+    }
+
+    /// Buffer a record in this shard's log (no-op without a log).
+    fn append(&self, record: Record) {
+        if let Some(log) = &self.log {
+            log.append(&record);
+        }
+    }
+
+    fn mark(&self) -> Option<LogMark> {
+        self.log.as_ref().map(|l| l.mark())
+    }
+
+    /// Write what a persistent session journalled (a session not logged journals nothing that
+    /// needs keeping: its entries are dropped).
+    fn write_journal(&self, e: &mut SessionEntry) {
+        if !e.session.has_journal() {
+            return;
+        }
+        let journal = e.session.take_journal();
+        let (Some(log), true) = (&self.log, e.logged) else { return };
+        let client_id = e.session.client_id();
+        for entry in &journal {
+            log.append(&durable::journal_record(client_id, entry, &self.clock));
+        }
+    }
+
+    /// What packets to session `e` must wait for: for a persistent session, everything this
+    /// shard appended so far (its own records among them); for any other, the work since `mark`.
+    fn pending_for(&self, e: &SessionEntry, mark: Option<LogMark>) -> Pending {
+        match (&self.log, mark) {
+            (Some(log), _) if e.logged => log.all_appended(),
+            (Some(log), Some(mark)) => log.since(mark),
+            _ => Pending::Nothing,
+        }
+    }
+
+    fn hold_since(&self, mark: Option<LogMark>) -> Result<Option<Hold>, ()> {
+        match (&self.log, mark) {
+            (Some(log), Some(mark)) => Hold::from_pending(log, log.since(mark)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Send `packets` to the session's connection (if attached), behind what the session's
+    /// durable state requires and behind `extra`. If its records were refused the connection
+    /// closes instead (what the packets acknowledge is not durable).
+    fn send_to(&self, e: &SessionEntry, packets: &[Packet], extra: Option<Hold>) {
+        let Some(c) = &e.conn else { return };
+        if packets.is_empty() {
+            return;
+        }
+        let hold = match (&self.log, e.logged) {
+            (Some(log), true) => Hold::from_pending(log, log.all_appended()),
+            _ => Ok(None),
+        };
+        match hold {
+            Ok(hold) => {
+                if hold.is_some() {
+                    c.send_after(hold, std::iter::empty());
+                }
+                c.send_after(extra, packets);
+            }
+            Err(()) => {
+                tracing::error!(client_id = %e.session.client_id(), "session state cannot be written to the log; closing connection");
+                c.fail_held();
+            }
+        }
+    }
+
+    /// Answer request `req` of shard `to` once the work since `mark` is durable.
+    fn confirm(&self, to: ShardId, req: u64, mark: Option<LogMark>) {
+        match (&self.log, mark) {
+            (Some(log), Some(mark)) => match log.since(mark) {
+                Pending::Nothing => self.mesh.send(to, ShardMsg::Ack { req }),
+                Pending::Commit(lsn) => log.confirm_after(lsn, to, req),
+                Pending::Failed => self.mesh.send(to, ShardMsg::Failed { req }),
+            },
+            _ => self.mesh.send(to, ShardMsg::Ack { req }),
+        }
+    }
+
+    /// The shard's task that answers other shards' requests once this shard's log has
+    /// committed what they asked for. Runs for the life of the shard.
+    pub async fn run_confirmations(self: Rc<Self>) {
+        let Some(log) = self.log.clone() else { return };
+        loop {
+            for (to, req, ok) in log.next_replies().await {
+                self.mesh.send(to, if ok { ShardMsg::Ack { req } } else { ShardMsg::Failed { req } });
+            }
+        }
+    }
+}
+
+fn protocol_level(s: &Session) -> u8 {
+    if s.protocol().is_v5() {
+        5
+    } else {
+        4
     }
 }
 

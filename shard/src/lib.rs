@@ -3,6 +3,7 @@ pub mod executor;
 pub mod handover;
 pub mod mesh;
 pub mod broker;
+pub mod durable;
 pub mod msg;
 pub mod outbound;
 pub mod routes;

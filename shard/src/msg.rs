@@ -26,17 +26,23 @@ impl RouteKey {
 
 #[derive(Debug)]
 pub enum ShardMsg {
-    /// Deliver to this shard's local (non-shared) subscribers of the topic.
-    Publish(Message),
+    /// Deliver to this shard's local (non-shared) subscribers of the topic. `confirm`: answer
+    /// `Ack`/`Failed` with this request id to the sender once what the delivery stored (queues of
+    /// persistent sessions) is durable; the publisher's PUBACK waits for it.
+    Publish { message: Message, confirm: Option<u64> },
     /// Deliver to one local member of the shared group; `hops` bounds re-routing when the
-    /// members vanished meanwhile.
-    PublishShared { message: Message, group: Arc<str>, filter: TopicFilter, hops: u8 },
+    /// members vanished meanwhile. `confirm`: (shard, request) to answer once durable, carried
+    /// along when re-routed.
+    PublishShared { message: Message, group: Arc<str>, filter: TopicFilter, hops: u8, confirm: Option<(ShardId, u64)> },
     /// Shard `shard` now has `members` local subscribers for `key` (0 = none). Absolute, so
     /// applying it twice is harmless. `req`: acknowledge with `Ack` to the sender.
     RouteUpdate { key: RouteKey, shard: ShardId, members: u32, req: Option<u64> },
     Ack { req: u64 },
+    /// The request could not be carried out durably (the replier's log refused the write).
+    Failed { req: u64 },
     /// Set (or, with an empty payload, clear) the retained message of its topic; sent to the
-    /// topic's owner shard. `req`: acknowledge once applied (the publisher's PUBACK waits).
+    /// topic's owner shard. `req`: acknowledge once applied and durable (the publisher's PUBACK
+    /// waits).
     RetainSet { message: Message, req: Option<u64> },
     /// Send back every retained message this shard owns that matches `filter`.
     RetainQuery { filter: TopicFilter, reply_to: ShardId, req: u64 },

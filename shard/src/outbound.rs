@@ -4,17 +4,62 @@
 //! Lives on the connection's home shard only (it is `!Send`).
 
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use flux_core::mqtt::{encode_packet, Disconnect, Packet, ProtocolVersion, ReasonCode};
 
-use crate::signal::Signal;
+use crate::durable::{Pending, ShardLog};
+use crate::signal::{Gather, Signal};
+
+/// Something the bytes after a point of the outbound stream must wait for: an acknowledgement
+/// is written only once what it acknowledges is durable.
+pub enum Hold {
+    /// This shard's log must be durable below the LSN.
+    Commit(Rc<ShardLog>, flux_wal::Lsn),
+    /// Other shards must confirm (their logs committed what they took).
+    Remote(Gather),
+}
+
+impl Hold {
+    /// The hold for a [`Pending`] of `log`; `Err` when the work already failed.
+    pub fn from_pending(log: &Rc<ShardLog>, pending: Pending) -> Result<Option<Hold>, ()> {
+        match pending {
+            Pending::Nothing => Ok(None),
+            Pending::Commit(lsn) => Ok(Some(Hold::Commit(log.clone(), lsn))),
+            Pending::Failed => Err(()),
+        }
+    }
+
+    /// Wait for it; false when the durable work failed.
+    pub async fn resolve(self) -> bool {
+        match self {
+            Hold::Commit(log, lsn) => log.commit_to(lsn).await,
+            Hold::Remote(g) => {
+                g.done().await;
+                !g.failed()
+            }
+        }
+    }
+}
+
+/// What the writer task should do next.
+pub enum Next {
+    Write(BytesMut),
+    Wait(Hold),
+    Idle,
+}
 
 pub struct Outbound {
     version: ProtocolVersion,
     buf: RefCell<BytesMut>,
+    /// Holds at absolute stream offsets (bytes encoded since the connection opened), in order.
+    holds: RefCell<VecDeque<(u64, Hold)>>,
+    /// Absolute offset of `buf`'s first byte.
+    taken: Cell<u64>,
     wake: Signal,
     /// Notified when the writer finished a write (or the connection closes): the reader waits on
     /// it while too much output is unwritten.
@@ -33,6 +78,8 @@ impl Outbound {
         Outbound {
             version,
             buf: RefCell::new(BytesMut::new()),
+            holds: RefCell::new(VecDeque::new()),
+            taken: Cell::new(0),
             wake: Signal::default(),
             drained: Signal::default(),
             closing: Cell::new(false),
@@ -70,6 +117,50 @@ impl Outbound {
             drop(buf);
             self.wake.notify();
         }
+    }
+
+    /// Encode `packets` to be written only after `hold` resolved (and everything before it).
+    pub fn send_after<'a>(&self, hold: Option<Hold>, packets: impl IntoIterator<Item = &'a Packet>) {
+        if self.closing.get() {
+            return;
+        }
+        if let Some(h) = hold {
+            let at = self.taken.get() + self.buf.borrow().len() as u64;
+            self.holds.borrow_mut().push_back((at, h));
+        }
+        self.send(packets);
+    }
+
+    /// For the writer task: the next bytes to write, a hold to wait for first, or nothing.
+    pub fn next(&self) -> Next {
+        let mut holds = self.holds.borrow_mut();
+        let taken = self.taken.get();
+        let mut buf = self.buf.borrow_mut();
+        let limit = match holds.front() {
+            Some(&(at, _)) if at <= taken => {
+                return match holds.pop_front() {
+                    Some((_, h)) => Next::Wait(h),
+                    None => Next::Idle,
+                };
+            }
+            Some(&(at, _)) => ((at - taken) as usize).min(buf.len()),
+            None => buf.len(),
+        };
+        if limit == 0 {
+            return Next::Idle;
+        }
+        self.taken.set(taken + limit as u64);
+        Next::Write(buf.split_to(limit))
+    }
+
+    /// A hold failed: what follows it acknowledges work that is not durable. Nothing more is
+    /// written but a DISCONNECT (MQTT 5: 0x80 Unspecified error); the connection closes.
+    pub fn fail_held(&self) {
+        self.holds.borrow_mut().clear();
+        self.buf.borrow_mut().clear();
+        self.closing.set(false);
+        self.close(Some(ReasonCode::UnspecifiedError));
+        // The DISCONNECT just encoded is the only thing left; nothing holds it.
     }
 
     /// Bytes encoded but not yet written to the socket.
@@ -122,11 +213,6 @@ impl Outbound {
         self.wake.wait().await
     }
 
-    /// For the writer task: everything buffered so far (the buffer's allocation is reused when
-    /// the writer hands it back with `recycle`).
-    pub fn take(&self) -> BytesMut {
-        self.buf.borrow_mut().split()
-    }
 
     /// Shut the socket down in both directions: the reader's pending read returns.
     pub fn shutdown_socket(&self) {

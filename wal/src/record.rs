@@ -83,6 +83,10 @@ pub enum Record {
     SessionResumed {
         /// The MQTT client identifier.
         client_id: String,
+        /// 4 for MQTT 3.1.1, 5 for MQTT 5.0 (the resuming connection's).
+        protocol_level: u8,
+        /// Session Expiry Interval in seconds the resuming CONNECT set.
+        session_expiry_secs: u32,
     },
     /// A subscription was added or replaced.
     SessionSubscribe {

@@ -518,6 +518,24 @@ impl Session {
         });
     }
 
+    /// A QoS 1/2 publish could not be taken (its durable effects were refused): MQTT 5 gets
+    /// PUBACK/PUBREC with `reason` (>= 0x80; a QoS 2 exchange ends there, so its packet id is
+    /// released); MQTT 3.1.1 has no way to say so and the connection must close (`Err`).
+    pub fn publish_refused(&mut self, packet_id: PacketId, qos: QoS, reason: ReasonCode, out: &mut Outbox) -> Result<(), Close> {
+        if !self.protocol.is_v5() {
+            return Err(Close { reason, send_disconnect: false, discard_will: false });
+        }
+        if qos == QoS::ExactlyOnce && self.qos2_in.remove(&packet_id) {
+            self.journal_push(Journal::Qos2Released { packet_id });
+        }
+        let resp = PubResp { packet_id, reason, properties: Properties::default() };
+        out.packets.push(match qos {
+            QoS::ExactlyOnce => Packet::PubRec(resp),
+            _ => Packet::PubAck(resp),
+        });
+        Ok(())
+    }
+
     /// Offer a message to this session: sent now if online and the window allows, else queued
     /// (QoS 1/2, bounded by `max_queued_messages` and `max_queued_bytes`), else dropped and
     /// counted.

@@ -82,6 +82,28 @@ impl<V> TopicTree<V> {
     }
 }
 
+impl<V> TopicTree<V> {
+    /// The value stored under `topic`.
+    pub fn get(&self, topic: &TopicName) -> Option<&V> {
+        let mut node = &self.root;
+        for level in topic.levels() {
+            node = node.children.get(level)?;
+        }
+        node.value.as_ref().map(|(_, v)| v)
+    }
+
+    /// Call `f` for every stored (topic, value), `$`-topics included.
+    pub fn for_each<'a>(&'a self, mut f: impl FnMut(&'a TopicName, &'a V)) {
+        let mut stack = vec![&self.root];
+        while let Some(node) = stack.pop() {
+            if let Some((t, v)) = &node.value {
+                f(t, v);
+            }
+            stack.extend(node.children.values());
+        }
+    }
+}
+
 fn remove_at<V>(node: &mut Node<V>, levels: &[&str]) -> Option<V> {
     match levels.split_first() {
         None => node.value.take().map(|(_, v)| v),
