@@ -308,8 +308,8 @@ impl Broker {
         let mut out = Outbox::default();
         let mut e = entry.borrow_mut();
         let result = e.session.handle(packet, now, &mut out);
-        self.write_journal(&mut e);
-        self.send_to(&e, &out.packets, None);
+        let journaled = self.write_journal(&mut e);
+        self.send_to(&e, &out.packets, None, journaled);
         result.map(|()| out.events)
     }
 
@@ -341,7 +341,7 @@ impl Broker {
             return;
         }
         let mut out = Outbox::default();
-        let local = self.pending_for(&e, mark);
+        let local = self.pending_since(mark);
         if local == Pending::Failed {
             tracing::warn!(client_id = %e.session.client_id(), topic = %message.topic, "publish refused: its durable effects could not be written");
             if e.session.publish_refused(packet_id, qos, ReasonCode::UnspecifiedError, &mut out).is_err() {
@@ -350,12 +350,19 @@ impl Broker {
                 }
                 return;
             }
-            self.write_journal(&mut e);
-            self.send_to(&e, &out.packets, None);
+            let journaled = self.write_journal(&mut e);
+            self.send_to(&e, &out.packets, None, journaled);
             return;
         }
         e.session.publish_routed(packet_id, qos, matched, &mut out);
-        self.send_to(&e, &out.packets, remote_hold);
+        let local_hold = match (&self.log, local) {
+            (Some(log), Pending::Commit(lsn)) => Some(Hold::Commit(log.clone(), lsn)),
+            _ => None,
+        };
+        if let (Some(c), Some(h)) = (&e.conn, local_hold) {
+            c.send_after(Some(h), std::iter::empty());
+        }
+        self.send_to(&e, &out.packets, remote_hold, false);
     }
 
     /// Route `message` to every shard with a matching subscriber (one hop per shard, batched by
@@ -572,8 +579,8 @@ impl Broker {
             }
             DeliverOutcome::Dropped(_) => {}
         }
-        self.write_journal(&mut e);
-        self.send_to(&e, &out.packets, None);
+        let journaled = self.write_journal(&mut e);
+        self.send_to(&e, &out.packets, None, journaled);
     }
 
     /// Add a session's new subscriptions to the tables, wait until every shard's route table has
@@ -978,23 +985,23 @@ impl Broker {
 
     /// Write what a persistent session journalled (a session not logged journals nothing that
     /// needs keeping: its entries are dropped).
-    fn write_journal(&self, e: &mut SessionEntry) {
+    /// Returns whether anything was written.
+    fn write_journal(&self, e: &mut SessionEntry) -> bool {
         if !e.session.has_journal() {
-            return;
+            return false;
         }
         let journal = e.session.take_journal();
-        let (Some(log), true) = (&self.log, e.logged) else { return };
+        let (Some(log), true) = (&self.log, e.logged) else { return false };
         let client_id = e.session.client_id();
         for entry in &journal {
             log.append(&durable::journal_record(client_id, entry, &self.clock));
         }
+        true
     }
 
-    /// What packets to session `e` must wait for: for a persistent session, everything this
-    /// shard appended so far (its own records among them); for any other, the work since `mark`.
-    fn pending_for(&self, e: &SessionEntry, mark: Option<LogMark>) -> Pending {
+    /// What an acknowledgement of the work since `mark` must wait for here.
+    fn pending_since(&self, mark: Option<LogMark>) -> Pending {
         match (&self.log, mark) {
-            (Some(log), _) if e.logged => log.all_appended(),
             (Some(log), Some(mark)) => log.since(mark),
             _ => Pending::Nothing,
         }
@@ -1007,15 +1014,14 @@ impl Broker {
         }
     }
 
-    /// Send `packets` to the session's connection (if attached), behind what the session's
-    /// durable state requires and behind `extra`. If its records were refused the connection
-    /// closes instead (what the packets acknowledge is not durable).
-    fn send_to(&self, e: &SessionEntry, packets: &[Packet], extra: Option<Hold>) {
+    /// Send `packets` to the session's connection (if attached), behind `extra` and, when the
+    /// session just `journaled` records, behind their commit: everything sent to the client
+    /// later (this step's packets, and any acknowledgement after them) then waits for them. If
+    /// its records were refused the connection closes instead (what the packets acknowledge is
+    /// not durable).
+    fn send_to(&self, e: &SessionEntry, packets: &[Packet], extra: Option<Hold>, journaled: bool) {
         let Some(c) = &e.conn else { return };
-        if packets.is_empty() {
-            return;
-        }
-        let hold = match (&self.log, e.logged) {
+        let hold = match (&self.log, journaled) {
             (Some(log), true) => Hold::from_pending(log, log.all_appended()),
             _ => Ok(None),
         };
@@ -1024,7 +1030,9 @@ impl Broker {
                 if hold.is_some() {
                     c.send_after(hold, std::iter::empty());
                 }
-                c.send_after(extra, packets);
+                if extra.is_some() || !packets.is_empty() {
+                    c.send_after(extra, packets);
+                }
             }
             Err(()) => {
                 tracing::error!(client_id = %e.session.client_id(), "session state cannot be written to the log; closing connection");

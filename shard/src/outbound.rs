@@ -126,7 +126,15 @@ impl Outbound {
         }
         if let Some(h) = hold {
             let at = self.taken.get() + self.buf.borrow().len() as u64;
-            self.holds.borrow_mut().push_back((at, h));
+            let mut holds = self.holds.borrow_mut();
+            // A commit no later than one already waited for is covered by it.
+            let covered = match (&h, holds.iter().rev().find(|(_, x)| matches!(x, Hold::Commit(..)))) {
+                (Hold::Commit(_, lsn), Some((_, Hold::Commit(_, earlier)))) => lsn <= earlier,
+                _ => false,
+            };
+            if !covered {
+                holds.push_back((at, h));
+            }
         }
         self.send(packets);
     }
