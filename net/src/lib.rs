@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use flux_core::{Limits, ShardId};
 use flux_shard::broker::Broker;
-use flux_shard::durable::{shard_log_dir, DurabilityConfig, DurabilityMode, Replayed, ShardLog, WallClock};
+use flux_shard::durable::{shard_log_dir, DurabilityConfig, Replayed, ShardLog, WallClock};
 use flux_shard::executor::{run_shards_with, ExecutorSpec, Pinning};
 use flux_shard::handover::SocketHandover;
 use flux_shard::mesh::{build_mesh, MeshEndpoints};
@@ -64,6 +64,7 @@ pub fn run(config: BrokerConfig, shutdown: Arc<AtomicBool>) -> Result<(), StartE
         bound: Mutex::new(None),
         bound_cv: Condvar::new(),
         error: Mutex::new(None),
+        restored: AtomicUsize::new(0),
     });
     let spec = ExecutorSpec { shards, io_memory_bytes: shared.config.io_memory_bytes };
     let s = shared.clone();
@@ -87,6 +88,13 @@ struct Shared {
     bound: Mutex<Option<Result<SocketAddr, String>>>,
     bound_cv: Condvar,
     error: Mutex<Option<StartError>>,
+    /// Shards done restoring their state. No shard accepts before all are: a connection accepted
+    /// by one shard may be handed over to another, whose sessions must be back first.
+    restored: AtomicUsize,
+}
+
+fn shards_of(shared: &Shared) -> u16 {
+    shared.config.shards.max(1)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -158,6 +166,7 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
             *lock(&shared.error) =
                 Some(StartError::Recovery { shard: me.0, dir: dir.display().to_string(), reason: e.to_string() });
             shared.shutdown.store(true, Ordering::Relaxed);
+            shared.restored.fetch_add(1, Ordering::AcqRel);
             // Keep answering the mesh so the other shards' start-up never waits on this one.
             let m = mesh.clone();
             inbound.spawn_drains(None, move |from, batch| {
@@ -187,18 +196,16 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
     inbound.spawn_drains(None, move |from, batch| b.on_shard_msgs(from, batch));
     glommio::spawn_local(broker.clone().run_confirmations()).detach();
     glommio::spawn_local(broker.clone().run_checkpoints()).detach();
-    if let DurabilityMode::Interval(every) = shared.config.durability.mode {
-        let l = log.clone();
-        glommio::spawn_local(async move {
-            loop {
-                glommio::timer::sleep(every).await;
-                l.flush().await;
-            }
-        })
-        .detach();
-    }
+    glommio::spawn_local(log.clone().run_flusher()).detach();
     for wait in broker.restore(replayed, Instant::now()) {
         wait.done().await;
+    }
+    shared.restored.fetch_add(1, Ordering::AcqRel);
+    while shared.restored.load(Ordering::Acquire) < usize::from(shards_of(&shared)) && !shared.shutdown.load(Ordering::Relaxed) {
+        glommio::timer::sleep(Duration::from_millis(2)).await;
+    }
+    if me.0 == 0 {
+        tracing::info!("state restored on every shard; accepting clients");
     }
 
     let b = broker.clone();

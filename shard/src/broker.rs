@@ -781,10 +781,14 @@ impl Broker {
             if e.conn_id != conn_id || e.conn.is_none() {
                 return;
             }
-            e.conn = None;
+            let conn = e.conn.take();
+            let mark = self.mark();
             let (will, ended) = e.session.detach(now, publish_will);
             let handoff = e.session.take_shared_undelivered();
             self.write_journal(&mut e);
+            // The socket is shut only once the disconnect's records are durable: a client that
+            // saw its connection close can count on the expiry clock having started.
+            let _close_after = CloseAfter { broker: self, conn, mark };
             if e.logged {
                 let client_id = e.session.client_id().to_string();
                 if ended {
@@ -1061,6 +1065,22 @@ impl Broker {
             for (to, req, ok) in log.next_replies().await {
                 self.mesh.send(to, if ok { ShardMsg::Ack { req } } else { ShardMsg::Failed { req } });
             }
+        }
+    }
+}
+
+/// On drop, holds the closing connection's last bytes and socket shutdown behind the records
+/// appended since `mark`.
+struct CloseAfter<'a> {
+    broker: &'a Broker,
+    conn: Option<Rc<Outbound>>,
+    mark: Option<LogMark>,
+}
+
+impl Drop for CloseAfter<'_> {
+    fn drop(&mut self) {
+        if let (Some(c), Ok(Some(hold))) = (&self.conn, self.broker.hold_since(self.mark)) {
+            c.hold_close(hold);
         }
     }
 }

@@ -124,6 +124,9 @@ pub struct ShardLog {
     /// Answers to other shards owed once the log is durable up to the LSN.
     replies: RefCell<VecDeque<(Lsn, ShardId, u64)>>,
     replies_ready: Signal,
+    /// Set by every append: the flusher commits records nobody waits for (a disconnect, an
+    /// expiry) soon, and in the interval mode everything.
+    dirty: Signal,
     /// Live bytes written by the last checkpoint, and the log's size right after it.
     checkpoint: Cell<(u64, u64)>,
     growth_factor: u64,
@@ -169,6 +172,7 @@ impl ShardLog {
             failures: Cell::new(0),
             replies: RefCell::new(VecDeque::new()),
             replies_ready: Signal::default(),
+            dirty: Signal::default(),
             checkpoint: Cell::new((used, used)),
             growth_factor: config.checkpoint_growth_factor.max(1),
             segment_size_bytes: config.segment_size_bytes,
@@ -191,6 +195,7 @@ impl ShardLog {
     /// Buffer a record (made durable by the next commit). A refusal is counted and logged; the
     /// caller finds it through [`since`](ShardLog::since).
     pub fn append(&self, record: &Record) {
+        self.dirty.notify();
         if let Err(e) = self.wal.append(record) {
             let n = self.failures.get() + 1;
             self.failures.set(n);
@@ -254,7 +259,24 @@ impl ShardLog {
         }
     }
 
-    /// For the interval mode's flusher: commit what is pending.
+    /// The shard's flusher task: commits appended records that no acknowledgement waits for
+    /// (fsync mode: as soon as the shard is idle; interval mode: every interval), so that state
+    /// changes nobody waits on (a disconnect's expiry clock, a delayed will) reach the disk too.
+    pub async fn run_flusher(self: std::rc::Rc<Self>) {
+        loop {
+            self.dirty.wait().await;
+            match self.mode {
+                DurabilityMode::Fsync => glommio::yield_if_needed().await,
+                DurabilityMode::Interval(every) => glommio::timer::sleep(every).await,
+            }
+            if !self.flush().await {
+                // Poisoned: nothing more will be durable; stop trying (appends are refused).
+                return;
+            }
+        }
+    }
+
+    /// Commit what is pending.
     pub async fn flush(&self) -> bool {
         if self.wal.durable_lsn() >= self.wal.next_lsn() {
             return true;

@@ -139,6 +139,13 @@ impl Outbound {
         self.send(packets);
     }
 
+    /// Hold what is left to write, and the socket's shutdown, behind `hold` (even once closing).
+    pub fn hold_close(&self, hold: Hold) {
+        let at = self.taken.get() + self.buf.borrow().len() as u64;
+        self.holds.borrow_mut().push_back((at, hold));
+        self.wake.notify();
+    }
+
     /// For the writer task: the next bytes to write, a hold to wait for first, or nothing.
     pub fn next(&self) -> Next {
         let mut holds = self.holds.borrow_mut();

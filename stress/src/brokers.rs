@@ -1,11 +1,17 @@
 //! Starting and stopping the brokers under test: fluxd, Mosquitto and rumqttd, each from a
 //! generated configuration with the same limits, on a free loopback port, in its own temporary
 //! directory. The child's pid is what CPU and RSS are read from.
+//!
+//! fluxd listens on port 0 (the kernel picks a free port) and the address is read back from its
+//! `mqtt listener bound addr=...` log line, so there is no window in which another process can take
+//! the port. [`FluxdOptions`] adds its durability mode and a data directory that outlives the
+//! process (for kill -9 and restart).
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -63,11 +69,61 @@ pub struct BrokerSettings {
     pub broker_max_connections: usize,
 }
 
+/// fluxd `--durability`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledgements wait for fdatasync (group commit).
+    Fsync,
+    /// Synced every flush_interval_ms; acknowledgements do not wait.
+    Interval,
+}
+
+impl Durability {
+    pub fn name(self) -> &'static str {
+        match self {
+            Durability::Fsync => "fsync",
+            Durability::Interval => "interval",
+        }
+    }
+}
+
+/// fluxd-only settings beyond the shared limits. The default is what `start` uses: fluxd's own
+/// durability default and a fresh data directory removed at stop.
+#[derive(Clone, Debug, Default)]
+pub struct FluxdOptions {
+    /// `--durability` (None: fluxd's default, fsync).
+    pub durability: Option<Durability>,
+    /// `[durability] flush_interval_ms` (interval mode).
+    pub flush_interval_ms: Option<u32>,
+    /// A data directory that survives the process (left in place by `stop`), for restarts on the
+    /// same state. None: a fresh one inside the broker's temporary directory.
+    pub data_dir: Option<PathBuf>,
+    /// Write the log here instead of inside the temporary directory (so it outlives `stop`).
+    pub log_file: Option<PathBuf>,
+}
+
 pub struct RunningBroker {
     pub kind: BrokerKind,
     pub addr: SocketAddr,
     child: Child,
     dir: PathBuf,
+    log_path: PathBuf,
+}
+
+/// Distinguishes the temporary directories of brokers started by one process.
+static STARTS: AtomicU64 = AtomicU64::new(0);
+
+/// The address in fluxd's `mqtt listener bound addr=HOST:PORT ...` log line (the last such line).
+pub fn parse_fluxd_bound_addr(log: &str) -> Option<SocketAddr> {
+    log.lines()
+        .rev()
+        .filter(|l| l.contains("mqtt listener bound"))
+        .find_map(|l| {
+            let rest = &l[l.find("addr=")? + "addr=".len()..];
+            let token = rest.split_whitespace().next()?.trim_matches('"');
+            token.parse().ok()
+        })
 }
 
 fn expand_home(p: &Path) -> PathBuf {
@@ -101,31 +157,61 @@ impl RunningBroker {
         settings: &BrokerSettings,
         mqtt_v5: bool,
     ) -> anyhow::Result<RunningBroker> {
+        Self::start_with(kind, paths, settings, mqtt_v5, &FluxdOptions::default())
+    }
+
+    /// fluxd with [`FluxdOptions`].
+    pub fn start_fluxd(
+        paths: &BrokerPaths,
+        settings: &BrokerSettings,
+        options: &FluxdOptions,
+    ) -> anyhow::Result<RunningBroker> {
+        Self::start_with(BrokerKind::Fluxd, paths, settings, false, options)
+    }
+
+    fn start_with(
+        kind: BrokerKind,
+        paths: &BrokerPaths,
+        settings: &BrokerSettings,
+        mqtt_v5: bool,
+        options: &FluxdOptions,
+    ) -> anyhow::Result<RunningBroker> {
         let bin = paths.binary(kind);
         if !bin.exists() {
             bail!("{} binary not found at {}", kind.name(), bin.display());
         }
-        let port = free_port()?;
+        // fluxd picks its own port (0) and logs it; the others get one that was free a moment ago.
+        let port = match kind {
+            BrokerKind::Fluxd => 0,
+            _ => free_port()?,
+        };
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let dir = std::env::temp_dir().join(format!(
-            "flux-stress-{}-{}-{port}",
+            "flux-stress-{}-{}-{}",
             std::process::id(),
-            kind.name()
+            kind.name(),
+            STARTS.fetch_add(1, Ordering::Relaxed)
         ));
         fs::create_dir_all(&dir)?;
-        let log = fs::File::create(dir.join("broker.log"))?;
+        let log_path = options
+            .log_file
+            .clone()
+            .unwrap_or_else(|| dir.join("broker.log"));
+        let log = fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
         let mut cmd = Command::new(&bin);
         match kind {
             BrokerKind::Fluxd => {
                 let config = dir.join("fluxd.toml");
-                fs::write(
-                    &config,
-                    format!(
-                        "[limits]\nmax_connections = {}\nmax_inflight_messages = {}\nmax_queued_messages = {}\n",
-                        settings.broker_max_connections, settings.broker_inflight, settings.broker_queued
-                    ),
-                )?;
-                let data = dir.join("data");
+                let mut text = format!(
+                    "[limits]\nmax_connections = {}\nmax_inflight_messages = {}\nmax_queued_messages = {}\n",
+                    settings.broker_max_connections, settings.broker_inflight, settings.broker_queued
+                );
+                if let Some(ms) = options.flush_interval_ms {
+                    text.push_str(&format!("\n[durability]\nflush_interval_ms = {ms}\n"));
+                }
+                fs::write(&config, text)?;
+                let data = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
                 fs::create_dir_all(&data)?;
                 cmd.arg("--mqtt-listen")
                     .arg(addr.to_string())
@@ -135,6 +221,9 @@ impl RunningBroker {
                     .arg(&data)
                     .arg("--config")
                     .arg(&config);
+                if let Some(d) = options.durability {
+                    cmd.arg("--durability").arg(d.name());
+                }
             }
             BrokerKind::Mosquitto => {
                 let config = dir.join("mosquitto.conf");
@@ -182,6 +271,7 @@ impl RunningBroker {
             addr,
             child,
             dir,
+            log_path,
         };
         if let Err(e) = broker.wait_ready(Duration::from_secs(15)) {
             let log = broker.log_tail();
@@ -202,8 +292,18 @@ impl RunningBroker {
             }
             let ready = match self.kind {
                 // fluxd logs this once every shard's mesh is connected and shard 0 listens.
-                BrokerKind::Fluxd => fs::read_to_string(self.dir.join("broker.log"))
-                    .is_ok_and(|l| l.contains("mqtt listener bound")),
+                BrokerKind::Fluxd => {
+                    match fs::read_to_string(&self.log_path)
+                        .ok()
+                        .and_then(|l| parse_fluxd_bound_addr(&l))
+                    {
+                        Some(a) => {
+                            self.addr = a;
+                            true
+                        }
+                        None => false,
+                    }
+                }
                 _ => TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok(),
             };
             if ready {
@@ -220,8 +320,12 @@ impl RunningBroker {
         self.child.id()
     }
 
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
     pub fn log_tail(&self) -> String {
-        let log = fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+        let log = fs::read_to_string(&self.log_path).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
@@ -229,6 +333,16 @@ impl RunningBroker {
     /// Still running?
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// SIGKILL now (no shutdown path runs), and reap the process. The temporary directory stays
+    /// until `stop` or drop; a [`FluxdOptions::data_dir`] stays for good.
+    pub fn kill9(&mut self) -> anyhow::Result<()> {
+        if self.alive() {
+            self.child.kill().context("SIGKILL")?;
+        }
+        self.child.wait().context("reaping the killed broker")?;
+        Ok(())
     }
 
     /// SIGTERM, then SIGKILL after 5 s; removes the temporary directory.
@@ -254,5 +368,27 @@ impl RunningBroker {
 impl Drop for RunningBroker {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_address_is_read_from_the_last_listener_line() {
+        let log = "2026-12-01T19:07:50.177474Z  INFO fluxd: effective config mqtt_listen=127.0.0.1:0\n\
+                   2026-12-01T19:07:50.209465Z  INFO flux_net: mqtt listener bound addr=127.0.0.1:57771 shards=2\n\
+                   2026-12-01T19:07:51.209465Z  INFO flux_net: mqtt listener bound addr=127.0.0.1:40001 shards=2\n";
+        assert_eq!(
+            parse_fluxd_bound_addr(log),
+            Some("127.0.0.1:40001".parse().unwrap())
+        );
+        assert_eq!(
+            parse_fluxd_bound_addr("INFO mqtt listener bound addr=[::1]:1883"),
+            Some("[::1]:1883".parse().unwrap())
+        );
+        assert_eq!(parse_fluxd_bound_addr("INFO fluxd: starting\n"), None);
+        assert_eq!(parse_fluxd_bound_addr("mqtt listener bound addr=127.0.0.1:"), None);
     }
 }

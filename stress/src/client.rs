@@ -53,6 +53,41 @@ pub struct ConnectOptions<'a> {
     pub version: ProtocolVersion,
     pub keep_alive_secs: u16,
     pub timeout: Duration,
+    /// Clean session (3.1.1) / Clean Start (5). `false` resumes a session kept by the broker.
+    pub clean_start: bool,
+    /// MQTT 5 Session Expiry Interval (ignored in 3.1.1, where `clean_start: false` alone keeps the
+    /// session). `None` or 0: the session ends with the connection.
+    pub session_expiry_secs: Option<u32>,
+}
+
+impl<'a> ConnectOptions<'a> {
+    /// A clean, non-persistent session.
+    pub fn clean(
+        addr: SocketAddr,
+        client_id: &'a str,
+        version: ProtocolVersion,
+        keep_alive_secs: u16,
+        timeout: Duration,
+    ) -> ConnectOptions<'a> {
+        ConnectOptions {
+            addr,
+            bind: None,
+            client_id,
+            version,
+            keep_alive_secs,
+            timeout,
+            clean_start: true,
+            session_expiry_secs: None,
+        }
+    }
+
+    /// A session the broker keeps (and, in fluxd, makes durable) across disconnections:
+    /// clean_session=0 in 3.1.1, Clean Start 0 with a Session Expiry Interval in 5.
+    pub fn persistent(mut self, expiry_secs: u32) -> ConnectOptions<'a> {
+        self.clean_start = false;
+        self.session_expiry_secs = Some(expiry_secs);
+        self
+    }
 }
 
 /// The reading half of a connection.
@@ -91,15 +126,19 @@ pub fn connect(opts: &ConnectOptions<'_>) -> anyhow::Result<(Reader, Writer, Con
         scratch: vec![0u8; READ_CHUNK_BYTES].into_boxed_slice(),
         decoder,
     };
+    let mut properties = Properties::default();
+    if opts.version == ProtocolVersion::V5 {
+        properties.session_expiry_interval = opts.session_expiry_secs.filter(|&s| s > 0);
+    }
     writer.push(&Packet::Connect(Connect {
         protocol: opts.version,
-        clean_start: true,
+        clean_start: opts.clean_start,
         keep_alive_secs: opts.keep_alive_secs,
         client_id: opts.client_id.to_string(),
         will: None,
         username: None,
         password: None,
-        properties: Properties::default(),
+        properties,
     }));
     writer.flush()?;
     let connack = match reader.recv().context("reading CONNACK")? {

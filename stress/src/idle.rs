@@ -235,6 +235,8 @@ fn connect_range_counted(
             version,
             keep_alive_secs: crate::load::LOAD_KEEP_ALIVE_SECS,
             timeout: Duration::from_secs(10),
+            clean_start: true,
+            session_expiry_secs: None,
         }) {
             // Keep one descriptor per connection: the writer's; the reader's closes here.
             Ok((_reader, writer, _)) => out.streams.push(writer.into_stream()),

@@ -15,6 +15,12 @@
 //! Every run is bounded twice: by a message count and by a send duration, then by a drain timeout
 //! for messages still in flight. Figures are taken over the *measured window*, which starts after
 //! the warm-up (by intended send time) and ends at the last delivery.
+//!
+//! At QoS 1/2 each publisher also times its acknowledgements: from the `write` that carries a
+//! PUBLISH to the read of its PUBACK (PUBCOMP at QoS 2), the figure a durable broker's disk sync
+//! shows up in (`flux-stress durable`). With `persistent_subscribers` the subscribers keep their
+//! sessions (clean_session=0 / Session Expiry Interval > 0), so fluxd stores every message in a
+//! durable queue before acknowledging it.
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -44,6 +50,42 @@ const FLUSH_BYTES: usize = 16 * 1024;
 /// Closed loop: a window that makes no progress for this long is taken as lost messages (QoS 0
 /// may be dropped by a broker) and reopened, so a run never hangs on a loss.
 const WINDOW_STALL: Duration = Duration::from_millis(200);
+/// Session Expiry Interval asked for by persistent subscribers in MQTT 5.
+pub const PERSISTENT_SESSION_EXPIRY_SECS: u32 = 3600;
+
+/// The stamp at the start of a payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    /// Intended send time, ns since the run's epoch.
+    pub intended_ns: u64,
+    pub seq: u64,
+    pub publisher: u32,
+}
+
+impl Stamp {
+    /// Writes the stamp and pads the payload to `payload_bytes` with `padding` (at least
+    /// `payload_bytes` long).
+    pub fn payload(self, payload_bytes: usize, padding: &[u8]) -> Bytes {
+        let mut b = BytesMut::with_capacity(payload_bytes.max(STAMP_BYTES));
+        b.put_u64_le(self.intended_ns);
+        b.put_u64_le(self.seq);
+        b.put_u32_le(self.publisher);
+        if payload_bytes > STAMP_BYTES {
+            b.extend_from_slice(&padding[STAMP_BYTES..payload_bytes]);
+        }
+        b.freeze()
+    }
+
+    /// The stamp of a payload, if it is long enough to hold one.
+    pub fn read(payload: &[u8]) -> Option<Stamp> {
+        let s = payload.get(..STAMP_BYTES)?;
+        Some(Stamp {
+            intended_ns: u64::from_le_bytes(s[0..8].try_into().ok()?),
+            seq: u64::from_le_bytes(s[8..16].try_into().ok()?),
+            publisher: u32::from_le_bytes(s[16..20].try_into().ok()?),
+        })
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -123,6 +165,10 @@ pub struct LoadSpec {
     /// Run publisher and subscriber threads under SCHED_FIFO (priority 1), so the load
     /// generator's own scheduling delays stay out of the latency figures on a busy machine.
     pub client_rt: bool,
+    /// Subscribers keep their sessions (3.1.1 clean_session=0, MQTT 5 Session Expiry Interval
+    /// [`PERSISTENT_SESSION_EXPIRY_SECS`]): a durable broker then stores every QoS 1/2 message
+    /// before acknowledging it.
+    pub persistent_subscribers: bool,
     #[serde(skip)]
     pub progress: bool,
     pub label: String,
@@ -268,6 +314,21 @@ pub struct LoadResult {
     /// fluxd home shard of each publisher / subscriber (by client id hash).
     pub publisher_shards: Vec<u16>,
     pub subscriber_shards: Vec<u16>,
+    /// Subscribers held persistent sessions.
+    #[serde(default)]
+    pub persistent_subscribers: bool,
+    /// QoS 1/2: PUBACKs (PUBCOMPs) received, whole run.
+    #[serde(default)]
+    pub acked: u64,
+    /// QoS 1/2: acknowledgements of publishes written in the measured window (from the warm-up on).
+    #[serde(default)]
+    pub measured_acks: u64,
+    /// measured_acks / (last such acknowledgement - start of the measured window).
+    #[serde(default)]
+    pub acked_per_sec: f64,
+    /// QoS 1/2: from the write of a PUBLISH to the read of its PUBACK (PUBCOMP), measured window.
+    #[serde(default)]
+    pub ack_latency: Percentiles,
 }
 
 /// Counters shared by all threads of one run.
@@ -325,6 +386,63 @@ struct PubOutcome {
     error: Option<String>,
 }
 
+/// Send time (ns since the epoch, 0 = none) of each packet id of one publisher: written just
+/// before the `write` that carries the PUBLISH, read by the ack reader when its PUBACK/PUBCOMP
+/// arrives. Indexed by the packet id itself, so out-of-order acknowledgements are timed right.
+struct AckClock {
+    sent_ns: Box<[AtomicU64]>,
+}
+
+impl AckClock {
+    fn new() -> AckClock {
+        AckClock {
+            sent_ns: (0..=u16::MAX as usize).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn stamp(&self, ids: &[u16], now_ns: u64) {
+        for &id in ids {
+            self.sent_ns[usize::from(id)].store(now_ns, Ordering::Release);
+        }
+    }
+
+    /// The send time of `id`, forgetting it (a second acknowledgement is not timed twice).
+    fn take(&self, id: u16) -> Option<u64> {
+        let t = self.sent_ns[usize::from(id)].swap(0, Ordering::AcqRel);
+        (t != 0).then_some(t)
+    }
+}
+
+/// What one ack reader saw.
+struct AckOutcome {
+    latency: Histogram<u64>,
+    acked: u64,
+    measured: u64,
+    last_measured_ns: u64,
+}
+
+impl AckOutcome {
+    fn new() -> AckOutcome {
+        AckOutcome {
+            latency: new_histogram(),
+            acked: 0,
+            measured: 0,
+            last_measured_ns: 0,
+        }
+    }
+
+    /// One acknowledgement at `now_ns` of a publish written at `sent_ns`; it is measured if it
+    /// was written from `measure_from_ns` on.
+    fn record(&mut self, sent_ns: Option<u64>, now_ns: u64, measure_from_ns: u64) {
+        self.acked += 1;
+        if let Some(sent) = sent_ns.filter(|&t| t >= measure_from_ns) {
+            self.measured += 1;
+            self.last_measured_ns = self.last_measured_ns.max(now_ns);
+            let _ = self.latency.record(now_ns.saturating_sub(sent).max(1));
+        }
+    }
+}
+
 /// Runs one load against `target`. Connects everything first, then publishes, drains, and
 /// disconnects. Errors only for setup failures; losses and slow brokers are results.
 pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
@@ -339,14 +457,12 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
     let mut subscriber_shards = Vec::with_capacity(m);
     for j in 0..m {
         let (id, shard) = spec.client_id("sub", j, n + j);
-        let (mut reader, mut writer, _) = client::connect(&ConnectOptions {
-            addr: target.addr,
-            bind: None,
-            client_id: &id,
-            version,
-            keep_alive_secs: LOAD_KEEP_ALIVE_SECS,
-            timeout,
-        })?;
+        let mut opts =
+            ConnectOptions::clean(target.addr, &id, version, LOAD_KEEP_ALIVE_SECS, timeout);
+        if spec.persistent_subscribers {
+            opts = opts.persistent(PERSISTENT_SESSION_EXPIRY_SECS);
+        }
+        let (mut reader, mut writer, _) = client::connect(&opts)?;
         client::subscribe(
             &mut reader,
             &mut writer,
@@ -362,14 +478,13 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
     let mut publisher_shards = Vec::with_capacity(n);
     for i in 0..n {
         let (id, shard) = spec.client_id("pub", i, i);
-        let (reader, writer, connack) = client::connect(&ConnectOptions {
-            addr: target.addr,
-            bind: None,
-            client_id: &id,
+        let (reader, writer, connack) = client::connect(&ConnectOptions::clean(
+            target.addr,
+            &id,
             version,
-            keep_alive_secs: LOAD_KEEP_ALIVE_SECS,
+            LOAD_KEEP_ALIVE_SECS,
             timeout,
-        })?;
+        ))?;
         let server_receive_max = connack.properties.receive_maximum.unwrap_or(u16::MAX);
         let inflight = spec.inflight.min(server_receive_max).max(1);
         publishers.push((reader, writer, inflight));
@@ -409,20 +524,21 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
     let extra = spec.messages % n as u64;
     let mut pub_writers: Vec<Arc<Mutex<Writer>>> = Vec::with_capacity(n);
     let mut pub_threads: Vec<JoinHandle<PubOutcome>> = Vec::with_capacity(n);
-    let mut ack_threads: Vec<JoinHandle<()>> = Vec::new();
+    let mut ack_threads: Vec<JoinHandle<AckOutcome>> = Vec::new();
     for (i, (reader, writer, inflight)) in publishers.into_iter().enumerate() {
         let writer = Arc::new(Mutex::new(writer));
         pub_writers.push(writer.clone());
         let outstanding = Arc::new(AtomicU32::new(0));
-        if spec.qos != QoS::AtMostOnce {
-            let (shared, writer, outstanding) =
-                (shared.clone(), writer.clone(), outstanding.clone());
+        let clock = (spec.qos != QoS::AtMostOnce).then(|| Arc::new(AckClock::new()));
+        if let Some(clock) = &clock {
+            let (shared, writer, outstanding, clock) =
+                (shared.clone(), writer.clone(), outstanding.clone(), clock.clone());
             let rt = spec.client_rt;
             ack_threads.push(
                 thread::Builder::new()
                     .name(format!("ack{i}"))
                     .spawn(move || {
-                        ack_reader_main(reader, &writer, &outstanding, &shared, i, rt)
+                        ack_reader_main(reader, &writer, &outstanding, &clock, &shared, i, rt)
                     })?,
             );
         } else {
@@ -445,7 +561,9 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         let shared2 = shared.clone();
         let handle = thread::Builder::new()
             .name(format!("pub{i}"))
-            .spawn(move || publisher_main(job, &writer, &outstanding, &shared2))?;
+            .spawn(move || {
+                publisher_main(job, &writer, &outstanding, clock.as_deref(), &shared2)
+            })?;
         let _ = shared.publisher_threads[i].set(handle.thread().clone());
         pub_threads.push(handle);
     }
@@ -519,8 +637,17 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
             w.disconnect();
         }
     }
+    let mut acks = AckOutcome::new();
     for t in ack_threads {
-        let _ = t.join();
+        match t.join() {
+            Ok(o) => {
+                let _ = acks.latency.add(&o.latency);
+                acks.acked += o.acked;
+                acks.measured += o.measured;
+                acks.last_measured_ns = acks.last_measured_ns.max(o.last_measured_ns);
+            }
+            Err(_) => errors.push("ack reader thread panicked".into()),
+        }
     }
     for s in &sub_closers {
         use std::io::Write;
@@ -591,6 +718,18 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         broker_rss_bytes: rss,
         publisher_shards,
         subscriber_shards,
+        persistent_subscribers: spec.persistent_subscribers,
+        acked: acks.acked,
+        measured_acks: acks.measured,
+        acked_per_sec: {
+            let secs = acks.last_measured_ns.saturating_sub(shared.measure_from_ns) as f64 / 1e9;
+            if secs > 0.0 {
+                acks.measured as f64 / secs
+            } else {
+                0.0
+            }
+        },
+        ack_latency: Percentiles::of(&acks.latency),
     })
 }
 
@@ -635,8 +774,13 @@ fn publisher_main(
     job: PubJob,
     writer: &Mutex<Writer>,
     outstanding: &AtomicU32,
+    clock: Option<&AckClock>,
     shared: &Shared,
 ) -> PubOutcome {
+    let mut stamps = Unwritten {
+        clock,
+        ids: Vec::new(),
+    };
     set_fine_timer_slack();
     let mut send_lag = new_histogram();
     let mut out = PubOutcome {
@@ -703,7 +847,7 @@ fn publisher_main(
                     break;
                 }
                 if let Some(mut w) = guard.take() {
-                    if let Err(e) = flush(&mut w) {
+                    if let Err(e) = stamps.flush(&mut w, shared) {
                         out.error = Some(e);
                         return finish(out, send_lag);
                     }
@@ -725,7 +869,7 @@ fn publisher_main(
         if job.qos != QoS::AtMostOnce {
             while outstanding.load(Ordering::Acquire) >= job.inflight_cap {
                 if let Some(mut w) = guard.take() {
-                    if let Err(e) = flush(&mut w) {
+                    if let Err(e) = stamps.flush(&mut w, shared) {
                         out.error = Some(e);
                         return finish(out, send_lag);
                     }
@@ -743,11 +887,12 @@ fn publisher_main(
             break;
         }
         let _ = send_lag.record(now.saturating_sub(intended).max(1));
-        let mut payload = BytesMut::with_capacity(job.payload_bytes);
-        payload.put_u64_le(intended);
-        payload.put_u64_le(sent);
-        payload.put_u32_le(i as u32);
-        payload.extend_from_slice(&padding[STAMP_BYTES..]);
+        let payload = Stamp {
+            intended_ns: intended,
+            seq: sent,
+            publisher: i as u32,
+        }
+        .payload(job.payload_bytes, &padding);
         let pid = if job.qos == QoS::AtMostOnce {
             None
         } else {
@@ -763,7 +908,7 @@ fn publisher_main(
             topic: job.topic.clone(),
             packet_id: pid,
             properties: Default::default(),
-            payload: payload.freeze(),
+            payload,
         });
         let mut w = match guard.take() {
             Some(w) => w,
@@ -776,11 +921,14 @@ fn publisher_main(
             },
         };
         w.push(&publish);
+        if let Some(id) = pid {
+            stamps.ids.push(id.get());
+        }
         sent += 1;
         shared.sent[i].store(sent, Ordering::Release);
         // Fixed rate: every message goes out at once. Max rate: batch up to FLUSH_BYTES.
         if matches!(job.mode, Mode::Fixed { .. }) || w.buffered_bytes() >= FLUSH_BYTES {
-            if let Err(e) = flush(&mut w) {
+            if let Err(e) = stamps.flush(&mut w, shared) {
                 out.error = Some(e);
                 break;
             }
@@ -789,15 +937,28 @@ fn publisher_main(
         }
     }
     if let Some(mut w) = guard.take() {
-        if let Err(e) = flush(&mut w) {
+        if let Err(e) = stamps.flush(&mut w, shared) {
             out.error = Some(e);
         }
     }
     finish(out, send_lag)
 }
 
-fn flush(w: &mut Writer) -> Result<(), String> {
-    w.flush().map_err(|e| format!("publish write failed: {e}"))
+/// Packet ids pushed into a publisher's write buffer and not yet written: their send time is
+/// taken at the write.
+struct Unwritten<'a> {
+    clock: Option<&'a AckClock>,
+    ids: Vec<u16>,
+}
+
+impl Unwritten<'_> {
+    fn flush(&mut self, w: &mut Writer, shared: &Shared) -> Result<(), String> {
+        if let Some(clock) = self.clock {
+            clock.stamp(&self.ids, shared.now_ns());
+        }
+        self.ids.clear();
+        w.flush().map_err(|e| format!("publish write failed: {e}"))
+    }
 }
 
 fn finish(mut out: PubOutcome, send_lag: Histogram<u64>) -> PubOutcome {
@@ -811,18 +972,22 @@ fn ack_reader_main(
     mut reader: Reader,
     writer: &Mutex<Writer>,
     outstanding: &AtomicU32,
+    clock: &AckClock,
     shared: &Shared,
     index: usize,
     client_rt: bool,
-) {
+) -> AckOutcome {
     let _ = set_realtime(client_rt);
+    let mut out = AckOutcome::new();
     loop {
         let packet = match reader.recv() {
             Ok(Some(p)) => p,
-            Ok(None) | Err(_) => return,
+            Ok(None) | Err(_) => return out,
         };
         match packet {
-            Packet::PubAck(_) | Packet::PubComp(_) => {
+            Packet::PubAck(r) | Packet::PubComp(r) => {
+                let now = shared.now_ns();
+                out.record(clock.take(r.packet_id.get()), now, shared.measure_from_ns);
                 outstanding.fetch_sub(1, Ordering::AcqRel);
                 shared.wake_publisher(index);
             }
@@ -830,7 +995,7 @@ fn ack_reader_main(
                 if let Ok(mut w) = writer.lock() {
                     w.push(&Packet::PubRel(PubResp::success(r.packet_id)));
                     if w.flush().is_err() {
-                        return;
+                        return out;
                     }
                 }
             }
@@ -897,12 +1062,15 @@ fn on_delivery(
     next_seq: &mut [u64],
     out: &mut SubOutcome,
 ) {
-    let Some(stamp) = payload.get(..STAMP_BYTES) else {
+    let Some(Stamp {
+        intended_ns: intended,
+        seq,
+        publisher,
+    }) = Stamp::read(payload)
+    else {
         return;
     };
-    let intended = u64::from_le_bytes(stamp[0..8].try_into().unwrap_or_default());
-    let seq = u64::from_le_bytes(stamp[8..16].try_into().unwrap_or_default());
-    let publisher = u32::from_le_bytes(stamp[16..20].try_into().unwrap_or_default()) as usize;
+    let publisher = publisher as usize;
     let Some(counter) = shared.delivered.get(publisher) else {
         return;
     };
@@ -947,9 +1115,45 @@ mod tests {
             topic_base: "t".into(),
             client_prefix: "c".into(),
             client_rt: false,
+            persistent_subscribers: false,
             progress: false,
             label: String::new(),
         }
+    }
+
+    #[test]
+    fn stamp_round_trips_and_pads() {
+        let st = Stamp {
+            intended_ns: 123_456_789,
+            seq: 42,
+            publisher: 7,
+        };
+        let pad = vec![0xAAu8; 64];
+        let p = st.payload(64, &pad);
+        assert_eq!(p.len(), 64);
+        assert_eq!(p[STAMP_BYTES], 0xAA);
+        assert_eq!(Stamp::read(&p), Some(st));
+        assert_eq!(st.payload(STAMP_BYTES, &pad).len(), STAMP_BYTES);
+        assert_eq!(Stamp::read(&p[..STAMP_BYTES - 1]), None);
+    }
+
+    #[test]
+    fn ack_clock_times_out_of_order_acks_once_and_skips_warmup() {
+        let clock = AckClock::new();
+        clock.stamp(&[1, 2], 500); // warm-up writes
+        clock.stamp(&[3, 65535], 2_000);
+        let mut out = AckOutcome::new();
+        out.record(clock.take(65535), 2_700, 1_000);
+        out.record(clock.take(1), 2_800, 1_000);
+        out.record(clock.take(3), 3_000, 1_000);
+        out.record(clock.take(3), 3_100, 1_000); // a second ack for 3: counted, not timed
+        assert_eq!(out.acked, 4);
+        assert_eq!(out.measured, 2);
+        assert_eq!(out.last_measured_ns, 3_000);
+        assert_eq!(out.latency.len(), 2);
+        assert_eq!(out.latency.max(), out.latency.highest_equivalent(1_000));
+        assert_eq!(clock.take(2), Some(500));
+        assert_eq!(clock.take(2), None);
     }
 
     #[test]

@@ -218,6 +218,7 @@ fn load_spec(a: &ScenarioArgs, shards: u16) -> anyhow::Result<LoadSpec> {
         topic_base: format!("stress/{tag}"),
         client_prefix: format!("st{tag}"),
         client_rt: a.client_rt,
+        persistent_subscribers: false,
         progress: !a.quiet,
         label: String::new(),
     })
