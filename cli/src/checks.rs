@@ -84,11 +84,19 @@ pub fn prepare_data_dir(dir: &Path) -> anyhow::Result<DataDirLock> {
 }
 
 /// Creating a file proves more than opening an existing one (the lock file may predate a chmod).
+/// A full disk is not a reason to refuse to start: the logs can still be recovered and served,
+/// and durable writes are refused (with a reason code) until there is room.
 fn check_writable(dir: &Path) -> anyhow::Result<()> {
     let probe = dir.join(".fluxd-write-check");
     let result = File::create(&probe).and_then(|mut f| f.write_all(b"ok"));
     let _ = std::fs::remove_file(&probe);
-    result.with_context(|| format!("data directory {} is not writable", dir.display()))
+    match result {
+        Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+            tracing::error!(dir = %dir.display(), "data directory is full: starting anyway; durable writes will be refused until there is room");
+            Ok(())
+        }
+        r => r.with_context(|| format!("data directory {} is not writable", dir.display())),
+    }
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use flux_core::session::{connack_refusal, negotiate, Close, Event};
 use flux_shard::broker::{Broker, ConnectionPermit, Opened};
 use flux_shard::handover::SocketHandover;
 use flux_shard::msg::ShardMsg;
-use flux_shard::outbound::{Next, Outbound};
+use flux_shard::outbound::{Next, Outbound, Resolved};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use std::os::fd::AsRawFd;
@@ -199,12 +199,19 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
                     }
                     writer_conn.notify_drained();
                 }
-                Next::Wait(hold) => {
-                    if !hold.resolve().await {
+                Next::Wait(hold) => match hold.resolve().await {
+                    Resolved::Go => {}
+                    Resolved::Write(packet) => {
+                        if write_all(&writer_stream, &writer_conn.encode_one(&packet)).await.is_err() {
+                            writer_conn.shutdown_socket();
+                            break;
+                        }
+                    }
+                    Resolved::Failed => {
                         tracing::error!("durable write failed; acknowledgement withheld and connection closed");
                         writer_conn.fail_held();
                     }
-                }
+                },
                 Next::Idle if writer_conn.is_closing() => {
                     writer_conn.shutdown_socket();
                     break;

@@ -26,7 +26,7 @@ use crate::durable::{self, LogMark, Pending, ShardLog, WallClock};
 use crate::handover::SocketHandover;
 use crate::mesh::Mesh;
 use crate::msg::{RouteKey, ShardMsg};
-use crate::outbound::{Hold, Outbound};
+use crate::outbound::{AckSlot, Hold, Outbound};
 use crate::routes::RouteTable;
 use crate::signal::{Gather, GatherState};
 
@@ -75,9 +75,23 @@ struct State {
     /// Retained messages of the topics this shard owns, indexed for filter lookups.
     retained: TopicTree<Message>,
     pending: HashMap<u64, Gather>,
+    /// Acknowledgements of this shard's clients' publishes waiting for other shards' answers.
+    pending_acks: HashMap<u64, PendingPubAck>,
     next_req: u64,
     /// (when, session): a will may be due or the session may expire then.
     deadlines: BTreeSet<(Instant, SessKey)>,
+}
+
+/// A PUBACK/PUBREC whose reason code waits for the other shards that took the publish.
+struct PendingPubAck {
+    remaining: usize,
+    failed: bool,
+    key: SessKey,
+    conn_id: u64,
+    packet_id: PacketId,
+    qos: QoS,
+    matched: bool,
+    slot: Rc<AckSlot>,
 }
 
 #[derive(Default)]
@@ -329,11 +343,6 @@ impl Broker {
         remote += routed_remote;
         let matched = matched || message.retain;
         let (Some((packet_id, qos)), Some(req)) = (ack, req) else { return };
-        let remote_hold = (remote > 0).then(|| {
-            let g = GatherState::new(remote);
-            self.state.borrow_mut().pending.insert(req, g.clone());
-            Hold::Remote(g)
-        });
         let Some(entry) = self.entry(key) else { return };
         let mut e = entry.borrow_mut();
         if e.conn_id != conn_id {
@@ -354,7 +363,6 @@ impl Broker {
             self.send_to(&e, &out.packets, None, journaled);
             return;
         }
-        e.session.publish_routed(packet_id, qos, matched, &mut out);
         let local_hold = match (&self.log, local) {
             (Some(log), Pending::Commit(lsn)) => Some(Hold::Commit(log.clone(), lsn)),
             _ => None,
@@ -362,7 +370,65 @@ impl Broker {
         if let (Some(c), Some(h)) = (&e.conn, local_hold) {
             c.send_after(Some(h), std::iter::empty());
         }
-        self.send_to(&e, &out.packets, remote_hold, false);
+        if remote > 0 {
+            // The reason code depends on the other shards' answers: a slot in the stream that
+            // `finish_pending_ack` fills.
+            let slot = Rc::new(AckSlot::default());
+            if let Some(c) = &e.conn {
+                c.send_after(Some(Hold::Slot(slot.clone())), std::iter::empty());
+            }
+            let pending = PendingPubAck { remaining: remote, failed: false, key, conn_id, packet_id, qos, matched, slot };
+            self.state.borrow_mut().pending_acks.insert(req, pending);
+            return;
+        }
+        e.session.publish_routed(packet_id, qos, matched, &mut out);
+        self.send_to(&e, &out.packets, None, false);
+    }
+
+    /// One other shard answered for a pending acknowledgement; after the last, decide it.
+    fn answer_pending_ack(&self, req: u64, ok: bool) -> bool {
+        let done = {
+            let mut st = self.state.borrow_mut();
+            let Some(p) = st.pending_acks.get_mut(&req) else { return false };
+            p.failed |= !ok;
+            p.remaining = p.remaining.saturating_sub(1);
+            if p.remaining > 0 {
+                return true;
+            }
+            st.pending_acks.remove(&req)
+        };
+        if let Some(p) = done {
+            self.finish_pending_ack(p);
+        }
+        true
+    }
+
+    fn finish_pending_ack(&self, p: PendingPubAck) {
+        let Some(entry) = self.entry(p.key) else {
+            p.slot.fill(None);
+            return;
+        };
+        let mut e = entry.borrow_mut();
+        if e.conn_id != p.conn_id || e.conn.is_none() {
+            // Taken over meanwhile: the client re-sends the PUBLISH when it resumes.
+            p.slot.fill(None);
+            return;
+        }
+        let mut out = Outbox::default();
+        if p.failed {
+            tracing::warn!(client_id = %e.session.client_id(), "publish refused: another shard could not store it");
+            if e.session.publish_refused(p.packet_id, p.qos, ReasonCode::UnspecifiedError, &mut out).is_err() {
+                p.slot.fill(None);
+                if let Some(c) = &e.conn {
+                    c.close(None);
+                }
+                return;
+            }
+            self.write_journal(&mut e);
+        } else {
+            e.session.publish_routed(p.packet_id, p.qos, p.matched, &mut out);
+        }
+        p.slot.fill(out.packets.pop());
     }
 
     /// Route `message` to every shard with a matching subscriber (one hop per shard, batched by
@@ -933,12 +999,16 @@ impl Broker {
                         self.mesh.send(from, ShardMsg::Ack { req });
                     }
                 }
-                ShardMsg::Ack { req } => self.reply(req, Vec::new()),
-                ShardMsg::Failed { req } => {
-                    if let Some(g) = self.state.borrow().pending.get(&req) {
-                        g.fail();
+                ShardMsg::Ack { req } => {
+                    if !self.answer_pending_ack(req, true) {
+                        self.reply(req, Vec::new());
                     }
-                    self.reply(req, Vec::new());
+                }
+                ShardMsg::Failed { req } => {
+                    // Only publishes are confirmed with Failed; anything else treats it as an answer.
+                    if !self.answer_pending_ack(req, false) {
+                        self.reply(req, Vec::new());
+                    }
                 }
                 ShardMsg::RetainSet { message, req } => {
                     let mark = self.mark();

@@ -437,6 +437,18 @@ impl Replayed {
                 };
                 self.sessions.insert(client_id, LoggedSession { image, disconnected_at_ms: None, will: None });
             }
+            Record::SessionCheckpoint { client_id, protocol_level, session_expiry_secs } => {
+                self.sessions.entry(client_id.clone()).or_insert_with(|| LoggedSession {
+                    image: RestoredSession {
+                        client_id,
+                        protocol_level,
+                        session_expiry_secs,
+                        ..RestoredSession::default()
+                    },
+                    disconnected_at_ms: None,
+                    will: None,
+                });
+            }
             Record::SessionDisconnected { client_id, at_ms, session_expiry_secs } => {
                 if let Some(s) = self.session(&client_id) {
                     s.disconnected_at_ms = Some(at_ms);

@@ -13,15 +13,53 @@ use bytes::BytesMut;
 use flux_core::mqtt::{encode_packet, Disconnect, Packet, ProtocolVersion, ReasonCode};
 
 use crate::durable::{Pending, ShardLog};
-use crate::signal::{Gather, Signal};
+use crate::signal::Signal;
 
 /// Something the bytes after a point of the outbound stream must wait for: an acknowledgement
 /// is written only once what it acknowledges is durable.
 pub enum Hold {
     /// This shard's log must be durable below the LSN.
     Commit(Rc<ShardLog>, flux_wal::Lsn),
-    /// Other shards must confirm (their logs committed what they took).
-    Remote(Gather),
+    /// A packet decided later (a PUBACK whose reason code depends on other shards' answers),
+    /// written here in the stream once the broker fills the slot.
+    Slot(Rc<AckSlot>),
+}
+
+/// What a resolved [`Hold`] lets the writer do.
+pub enum Resolved {
+    Go,
+    /// Write this packet, then go on.
+    Write(Packet),
+    /// The durable work failed: what follows must not be written.
+    Failed,
+}
+
+/// A packet the broker decides after the fact; see [`Hold::Slot`].
+#[derive(Default)]
+pub struct AckSlot {
+    /// `Some(None)`: decided, nothing to write.
+    decided: RefCell<Option<Option<Packet>>>,
+    waker: RefCell<Option<std::task::Waker>>,
+}
+
+impl AckSlot {
+    pub fn fill(&self, packet: Option<Packet>) {
+        *self.decided.borrow_mut() = Some(packet);
+        if let Some(w) = self.waker.borrow_mut().take() {
+            w.wake();
+        }
+    }
+
+    async fn wait(&self) -> Option<Packet> {
+        std::future::poll_fn(|cx| match self.decided.borrow_mut().take() {
+            Some(p) => std::task::Poll::Ready(p),
+            None => {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
 }
 
 impl Hold {
@@ -34,14 +72,21 @@ impl Hold {
         }
     }
 
-    /// Wait for it; false when the durable work failed.
-    pub async fn resolve(self) -> bool {
-        match self {
+    /// Wait for it.
+    pub async fn resolve(self) -> Resolved {
+        let ok = match self {
             Hold::Commit(log, lsn) => log.commit_to(lsn).await,
-            Hold::Remote(g) => {
-                g.done().await;
-                !g.failed()
+            Hold::Slot(slot) => {
+                return match slot.wait().await {
+                    Some(p) => Resolved::Write(p),
+                    None => Resolved::Go,
+                }
             }
+        };
+        if ok {
+            Resolved::Go
+        } else {
+            Resolved::Failed
         }
     }
 }
@@ -134,6 +179,8 @@ impl Outbound {
             };
             if !covered {
                 holds.push_back((at, h));
+                // The writer may be idle with nothing to write: it must come and wait on this.
+                self.wake.notify();
             }
         }
         self.send(packets);
@@ -176,6 +223,13 @@ impl Outbound {
         self.closing.set(false);
         self.close(Some(ReasonCode::UnspecifiedError));
         // The DISCONNECT just encoded is the only thing left; nothing holds it.
+    }
+
+    /// A packet encoded on its own (for the writer, when a slot is filled).
+    pub fn encode_one(&self, packet: &Packet) -> BytesMut {
+        let mut out = BytesMut::new();
+        encode_packet(packet, self.version, &mut out);
+        out
     }
 
     /// Bytes encoded but not yet written to the socket.

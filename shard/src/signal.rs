@@ -49,8 +49,6 @@ impl Future for SignalWait<'_> {
 #[derive(Default)]
 pub struct GatherState {
     remaining: Cell<usize>,
-    /// A replier could not do what was asked (its write-ahead log refused the write).
-    failed: Cell<bool>,
     messages: RefCell<Vec<Message>>,
     wakers: RefCell<Vec<Waker>>,
 }
@@ -77,15 +75,6 @@ impl GatherState {
             }
         }
         left == 0
-    }
-
-    /// Mark the request failed (the reply still counts toward completion).
-    pub fn fail(&self) {
-        self.failed.set(true);
-    }
-
-    pub fn failed(&self) -> bool {
-        self.failed.get()
     }
 
     pub fn take_messages(&self) -> Vec<Message> {

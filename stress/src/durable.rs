@@ -622,7 +622,8 @@ mod tests {
             "publishers": 1, "subscribers": 1, "offered_rate_per_sec": null, "window": 256,
             "stopped_by": "time", "sent": 10, "expected_deliveries": 10, "delivered": 10 - lost,
             "lost": lost, "dup_or_reorder": 0, "measured_deliveries": 10, "measured_secs": 1.0,
-            "delivered_per_sec": 10.0, "latency": {}, "send_lag": {}, "broker_cpu_us": null,
+            "delivered_per_sec": 10.0, "latency": serde_json::to_value(Percentiles::default()).unwrap(),
+            "send_lag": serde_json::to_value(Percentiles::default()).unwrap(), "broker_cpu_us": null,
             "broker_cpu_us_per_msg": null, "broker_rss_bytes": null, "publisher_shards": [0],
             "subscriber_shards": [1]
         }))

@@ -262,16 +262,22 @@ impl LoadSpec {
             let shard = flux_core::shard_for(base.as_bytes(), shards).0;
             return (base, shard);
         };
-        // A suffix search: each try lands on the wanted shard with probability 1/shards.
-        for n in 0u32.. {
-            let id = format!("{base}-{n}");
-            let shard = flux_core::shard_for(id.as_bytes(), shards).0;
-            if shard == want {
-                return (id, shard);
-            }
-        }
-        unreachable!("u32 suffixes cover every shard")
+        (placed_client_id(&base, want, shards), want)
     }
+}
+
+/// `base-N` for the first N whose fluxd home shard (FNV-1a of the id) is `want` of `shards`.
+pub fn placed_client_id(base: &str, want: u16, shards: u16) -> String {
+    let shards = shards.max(1);
+    let want = want % shards;
+    // A suffix search: each try lands on the wanted shard with probability 1/shards.
+    for n in 0u32.. {
+        let id = format!("{base}-{n}");
+        if flux_core::shard_for(id.as_bytes(), shards).0 == want {
+            return id;
+        }
+    }
+    unreachable!("u32 suffixes cover every shard")
 }
 
 /// Where the load goes, and the broker process to watch (CPU, RSS) when known.
@@ -345,6 +351,8 @@ struct Shared {
     waiting: Vec<AtomicBool>,
     /// Stop sending (time bound hit elsewhere or an error).
     stop: AtomicBool,
+    /// QoS 1/2 acknowledgements received, all publishers (the drain waits for them too).
+    acked: AtomicU64,
 }
 
 impl Shared {
@@ -504,6 +512,7 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         publisher_threads: (0..n).map(|_| OnceLock::new()).collect(),
         waiting: (0..n).map(|_| AtomicBool::new(false)).collect(),
         stop: AtomicBool::new(false),
+        acked: AtomicU64::new(0),
     });
 
     let mut sub_closers: Vec<TcpStream> = Vec::with_capacity(m);
@@ -622,10 +631,18 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         }
     }
 
-    // Drain: wait for what is in flight, bounded.
+    // Drain: wait for what is in flight (deliveries, and acknowledgements at QoS 1/2), bounded.
     let expected = shared.total_sent() * spec.fanout_factor();
+    let expected_acks = if spec.qos == QoS::AtMostOnce {
+        0
+    } else {
+        shared.total_sent()
+    };
     let drain_until = Instant::now() + spec.drain;
-    while shared.total_delivered() < expected && Instant::now() < drain_until {
+    while (shared.total_delivered() < expected
+        || shared.acked.load(Ordering::Acquire) < expected_acks)
+        && Instant::now() < drain_until
+    {
         thread::sleep(Duration::from_millis(5));
     }
     let cpu_end = target.pid.and_then(stats::process_cpu);
@@ -988,6 +1005,7 @@ fn ack_reader_main(
             Packet::PubAck(r) | Packet::PubComp(r) => {
                 let now = shared.now_ns();
                 out.record(clock.take(r.packet_id.get()), now, shared.measure_from_ns);
+                shared.acked.fetch_add(1, Ordering::AcqRel);
                 outstanding.fetch_sub(1, Ordering::AcqRel);
                 shared.wake_publisher(index);
             }
@@ -1228,6 +1246,7 @@ mod tests {
             publisher_threads: (0..2).map(|_| OnceLock::new()).collect(),
             waiting: (0..2).map(|_| AtomicBool::new(false)).collect(),
             stop: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
         };
         let stamp = |intended: u64, seq: u64, publisher: u32| {
             let mut b = BytesMut::new();

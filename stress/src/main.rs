@@ -4,13 +4,18 @@
 //! - `idle`: many idle connections, broker RSS per connection.
 //! - `compare`: the same scenario against fluxd, Mosquitto and rumqttd, interleaved rounds, a table,
 //!   JSON and an SVG plot.
-//! - `crash`: reserved for the durability issue (see `crash.rs`).
+//! - `durable`: durable QoS 1 throughput and PUBACK latency, fluxd `--durability fsync` vs
+//!   `interval`, at several publisher counts (see `durable.rs`).
+//! - `crash`: load, kill -9, restart, verify that every acknowledged message and the retained
+//!   message survived (see `crash.rs`).
 
 mod brokers;
 mod client;
 mod compare;
 mod crash;
+mod durable;
 mod idle;
+mod ledger;
 mod load;
 mod plot;
 mod stats;
@@ -23,7 +28,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use flux_core::mqtt::QoS;
 
-use crate::brokers::{BrokerKind, BrokerPaths, BrokerSettings, RunningBroker};
+use crate::brokers::{BrokerKind, BrokerPaths, BrokerSettings, Durability, RunningBroker};
 use crate::load::{LoadSpec, Mode, Placement, Scenario, Target};
 
 #[derive(Parser)]
@@ -45,8 +50,118 @@ enum Command {
     Idle(IdleArgs),
     /// Same scenario against several brokers, interleaved rounds; table, JSON and SVG.
     Compare(CompareArgs),
-    /// Load, kill -9, restart, verify acknowledged messages (not implemented yet).
-    Crash,
+    /// Durable QoS 1 publish throughput and PUBACK latency: fluxd fsync vs interval durability.
+    Durable(DurableArgs),
+    /// Load, kill -9 fluxd at random moments, restart, verify no acknowledged message was lost.
+    Crash(CrashArgs),
+}
+
+#[derive(Args)]
+struct DurableArgs {
+    /// Publisher counts, one case (per mode, per round) each.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    publishers: Vec<usize>,
+    /// fluxd durability modes compared.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "fsync,interval")]
+    modes: Vec<Durability>,
+    /// Rounds (each runs every case; the first mode alternates).
+    #[arg(long, default_value_t = 2)]
+    rounds: usize,
+    /// Persistent subscribers (each receives every publish).
+    #[arg(long, default_value_t = 1)]
+    subscribers: usize,
+    /// Unacknowledged QoS 1 publishes per publisher.
+    #[arg(long, default_value_t = 16)]
+    inflight: u16,
+    /// Undelivered publishes per publisher (closed-loop bound on the subscribers' queues).
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    #[arg(long)]
+    mqtt_v5: bool,
+    #[arg(long, value_enum, default_value_t = Placement::Spread)]
+    placement: Placement,
+    /// Send phase per case, seconds.
+    #[arg(long, default_value_t = 3.0)]
+    duration_secs: f64,
+    /// Start of each case not measured, seconds.
+    #[arg(long, default_value_t = 0.5)]
+    warmup_secs: f64,
+    /// Wait for undelivered messages after each case, seconds (bound).
+    #[arg(long, default_value_t = 5.0)]
+    drain_secs: f64,
+    /// Message bound per case (all publishers).
+    #[arg(long, default_value_t = 5_000_000)]
+    messages: u64,
+    /// fluxd `[durability] flush_interval_ms` (interval mode; fluxd's default 10 when absent).
+    #[arg(long)]
+    flush_interval_ms: Option<u32>,
+    /// write+fdatasync rounds of the disk probe before the cases (0 skips it).
+    #[arg(long, default_value_t = 200)]
+    probe_syncs: usize,
+    #[command(flatten)]
+    paths: BrokerPaths,
+    #[command(flatten)]
+    settings: BrokerSettings,
+    /// Write the JSON report here (default: stdout, after the table).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct CrashArgs {
+    /// kill -9s (each followed by a restart on the same data directory).
+    #[arg(long, default_value_t = 5)]
+    cycles: usize,
+    /// Bound on the load-and-kill loop, seconds (fewer cycles run if it is reached).
+    #[arg(long, default_value_t = 60.0)]
+    duration_secs: f64,
+    /// QoS 1 publishers (plus one retained publisher).
+    #[arg(long, default_value_t = 4)]
+    publishers: usize,
+    /// Persistent subscribers, each subscribed to every publisher.
+    #[arg(long, default_value_t = 2)]
+    subscribers: usize,
+    /// Unacknowledged publishes per publisher.
+    #[arg(long, default_value_t = 32)]
+    inflight: u16,
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    #[arg(long)]
+    mqtt_v5: bool,
+    /// Load time before each kill: uniform in [min, max] milliseconds.
+    #[arg(long, default_value_t = 100)]
+    min_run_ms: u64,
+    #[arg(long, default_value_t = 1500)]
+    max_run_ms: u64,
+    /// After the last cycle, wait at most this long for every acknowledged message, seconds.
+    #[arg(long, default_value_t = 15.0)]
+    drain_secs: f64,
+    /// fluxd durability mode (interval is expected to lose acknowledged messages: a control).
+    #[arg(long, value_enum, default_value_t = Durability::Fsync)]
+    durability: Durability,
+    #[arg(long)]
+    flush_interval_ms: Option<u32>,
+    /// Seed for the kill moments (default: from the clock; printed in the report).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Data directory fluxd runs on across restarts (default: a new one under $TMPDIR).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Keep the data directory and fluxd logs even when the run passes (always kept on failure).
+    #[arg(long)]
+    keep: bool,
+    #[command(flatten)]
+    paths: BrokerPaths,
+    #[command(flatten)]
+    settings: BrokerSettings,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args, Clone)]
@@ -254,7 +369,7 @@ fn resolve_target(
     }
 }
 
-fn write_json(path: Option<&PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
+pub(crate) fn write_json(path: Option<&PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     match path {
         Some(p) => {
@@ -370,7 +485,73 @@ fn main() -> anyhow::Result<()> {
             };
             compare::run(&spec)?;
         }
-        Command::Crash => crash::run()?,
+        Command::Durable(a) => {
+            let spec = durable::DurableSpec {
+                publisher_counts: a.publishers.clone(),
+                modes: a.modes.clone(),
+                rounds: a.rounds,
+                subscribers: a.subscribers,
+                inflight: a.inflight,
+                window: a.window,
+                payload_bytes: a.payload_bytes,
+                mqtt_v5: a.mqtt_v5,
+                placement: a.placement,
+                duration: secs(a.duration_secs, "--duration-secs")?,
+                messages: a.messages,
+                warmup: secs(a.warmup_secs, "--warmup-secs")?,
+                drain: secs(a.drain_secs, "--drain-secs")?,
+                flush_interval_ms: a.flush_interval_ms,
+                probe_syncs: a.probe_syncs,
+                paths: a.paths.clone(),
+                settings: a.settings.clone(),
+                progress: !a.quiet,
+                command_line: std::env::args().collect::<Vec<_>>().join(" "),
+            };
+            durable::run(&spec, a.json.as_ref())?;
+        }
+        Command::Crash(a) => {
+            let spec = crash::CrashSpec {
+                cycles: a.cycles,
+                duration: secs(a.duration_secs, "--duration-secs")?,
+                publishers: a.publishers,
+                subscribers: a.subscribers,
+                inflight: a.inflight,
+                payload_bytes: a.payload_bytes,
+                mqtt_v5: a.mqtt_v5,
+                min_run: Duration::from_millis(a.min_run_ms),
+                max_run: Duration::from_millis(a.max_run_ms),
+                drain: secs(a.drain_secs, "--drain-secs")?,
+                durability: a.durability,
+                flush_interval_ms: a.flush_interval_ms,
+                seed: a.seed,
+                data_dir: a.data_dir.clone(),
+                keep: a.keep,
+                paths: a.paths.clone(),
+                settings: a.settings.clone(),
+                progress: !a.quiet,
+            };
+            let report = crash::run(&spec)?;
+            eprintln!(
+                "crash: {} kills, sent {} acked {}, lost {}, duplicates {}, unacked received {}, sessions lost {}, retained failures {}/{} checks: {}",
+                report.kills,
+                report.sent,
+                report.acked,
+                report.lost,
+                report.duplicates,
+                report.unacked_received,
+                report.sessions_lost,
+                report.retained_failures,
+                report.retained_checks,
+                if report.ok { "OK" } else { "FAILED" }
+            );
+            write_json(a.json.as_ref(), &report)?;
+            if !report.ok {
+                if report.kept_files {
+                    eprintln!("data directory and fluxd logs kept: {}", report.data_dir);
+                }
+                bail!("crash check failed:\n{}", report.failures.join("\n"));
+            }
+        }
     }
     Ok(())
 }

@@ -50,11 +50,11 @@ class CrashBroker(Broker):
     (same argv, so the same shard count and config). fluxd binds port 0, so `port` changes with
     every restart: connect new clients after `restart()` returns."""
 
-    def __init__(self, limits: dict | None = None):
+    def __init__(self, limits: dict | None = None, **kw):
         self.lives = 1
         self._argv: list[str] | None = None
         self._pumps: list[threading.Thread] = []
-        super().__init__(limits)
+        super().__init__(limits, **kw)
 
     def _spawn(self, argv: list[str]) -> None:
         # As Broker._spawn, but keeps the argv (for restart) and the pump threads (to join them

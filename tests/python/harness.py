@@ -81,8 +81,12 @@ def cid(prefix: str, shard: int | None = None) -> str:
 class Broker:
     """One broker process on a loopback port. `limits` are `[limits]` keys of fluxd's config."""
 
-    def __init__(self, limits: dict | None = None):
+    def __init__(self, limits: dict | None = None, *, extra_config: str = "", data_dir: Path | None = None):
+        """`extra_config`: more fluxd.toml sections (e.g. `[durability]`); `data_dir`: where fluxd
+        keeps its data (default: a fresh directory under this broker's temp dir)."""
         self.limits = dict(limits or {})
+        self.extra_config = extra_config
+        self.data_dir = data_dir
         self.kind = BROKER_KIND
         self.host = "127.0.0.1"
         self.dir = Path(tempfile.mkdtemp(prefix=f"flux-pytest-{self.kind}-"))
@@ -110,12 +114,13 @@ class Broker:
     def _start_fluxd(self) -> None:
         if not os.path.exists(FLUXD_BIN):
             raise RuntimeError(f"fluxd binary not found at {FLUXD_BIN}; build it (cargo build --bin fluxd) or set FLUXD_BIN")
-        data = self.dir / "data"
-        data.mkdir()
+        data = self.data_dir or self.dir / "data"
+        data.mkdir(exist_ok=True)
         argv = [FLUXD_BIN, "--mqtt-listen", "127.0.0.1:0", "--shards", str(SHARDS), "--data-dir", str(data)]
-        if self.limits:
+        if self.limits or self.extra_config:
             conf = self.dir / "fluxd.toml"
-            conf.write_text("[limits]\n" + "".join(f"{k} = {v}\n" for k, v in self.limits.items()))
+            text = "[limits]\n" + "".join(f"{k} = {v}\n" for k, v in self.limits.items())
+            conf.write_text(text + "\n" + self.extra_config)
             argv += ["--config", str(conf)]
         self._spawn(argv)
         deadline = time.monotonic() + START_DEADLINE

@@ -70,6 +70,18 @@ pub enum Record {
         /// Session Expiry Interval in seconds (`u32::MAX`: never expires).
         session_expiry_secs: u32,
     },
+    /// A checkpoint's copy of a live persistent session: creates it if the replay does not know
+    /// it (its `SessionCreate` was in a deleted segment) and otherwise changes nothing. The
+    /// records that follow it in the checkpoint (subscriptions, messages) are idempotent too, so
+    /// a checkpoint cut short by a crash or a full disk loses nothing.
+    SessionCheckpoint {
+        /// The MQTT client identifier.
+        client_id: String,
+        /// 4 for MQTT 3.1.1, 5 for MQTT 5.0.
+        protocol_level: u8,
+        /// Session Expiry Interval in seconds.
+        session_expiry_secs: u32,
+    },
     /// The client disconnected: the session expiry clock starts at `at_ms` (counted across restarts).
     SessionDisconnected {
         /// The MQTT client identifier.

@@ -91,7 +91,9 @@ impl Broker {
     /// (retained messages, persistent sessions), committed, and the segments before it are
     /// deleted. Each state is snapshotted without awaiting in between, so records written by
     /// the broker meanwhile land after its snapshot and replay stays in order; records of
-    /// states the replay has not seen (their start was in a deleted segment) are ignored.
+    /// states the replay has not seen (their start was in a deleted segment) are ignored. The
+    /// copies only add what replay lacks (`SessionCheckpoint` never resets a session, messages are
+    /// keyed by id), so a checkpoint cut short by a crash or a full disk loses nothing.
     pub async fn checkpoint_if_due(&self) {
         let Some(log) = self.log.clone() else { return };
         if !log.checkpoint_due() {
@@ -124,7 +126,7 @@ impl Broker {
                     continue;
                 }
                 let client_id = e.session.client_id().to_string();
-                log.append(&Record::SessionCreate {
+                log.append(&Record::SessionCheckpoint {
                     client_id: client_id.clone(),
                     protocol_level: super::protocol_level(&e.session),
                     session_expiry_secs: e.session.session_expiry_secs(),
