@@ -320,6 +320,10 @@ impl RunningBroker {
         self.child.id()
     }
 
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
     pub fn log_tail(&self) -> String {
         let log = fs::read_to_string(&self.log_path).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();

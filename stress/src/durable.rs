@@ -104,9 +104,10 @@ impl DurableSpec {
     }
 
     /// Queue room each subscriber's session needs: everything the publishers may have
-    /// undelivered at once, with slack.
+    /// undelivered at once (the closed-loop window counts deliveries over all subscribers, so one
+    /// lagging subscriber may hold window x subscribers per publisher), with slack.
     fn queue_room(&self, publishers: usize) -> usize {
-        publishers * (self.window + usize::from(self.inflight)) + 1000
+        publishers * (self.window * self.subscribers + usize::from(self.inflight)) + 1000
     }
 }
 
@@ -118,6 +119,12 @@ pub struct CaseResult {
     pub result: Option<LoadResult>,
     pub broker_died: bool,
     pub error: Option<String>,
+    /// fluxd max_inflight_messages / max_queued_messages used.
+    pub broker_inflight: u16,
+    pub broker_queued: usize,
+    /// WARN/ERROR lines fluxd logged (RLIMIT_MEMLOCK notes left out), first 10.
+    pub broker_warnings: Vec<String>,
+    pub broker_warning_count: usize,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -235,6 +242,9 @@ pub fn sync_probe(dir: &Path, syncs: usize) -> anyhow::Result<SyncProbe> {
 }
 
 fn run_case(spec: &DurableSpec, round: usize, n: usize, mode: Durability) -> CaseResult {
+    let mut settings = spec.settings.clone();
+    settings.broker_queued = settings.broker_queued.max(spec.queue_room(n));
+    settings.broker_inflight = settings.broker_inflight.max(spec.inflight);
     let mut out = CaseResult {
         round,
         publishers: n,
@@ -242,10 +252,11 @@ fn run_case(spec: &DurableSpec, round: usize, n: usize, mode: Durability) -> Cas
         result: None,
         broker_died: false,
         error: None,
+        broker_inflight: settings.broker_inflight,
+        broker_queued: settings.broker_queued,
+        broker_warnings: Vec::new(),
+        broker_warning_count: 0,
     };
-    let mut settings = spec.settings.clone();
-    settings.broker_queued = settings.broker_queued.max(spec.queue_room(n));
-    settings.broker_inflight = settings.broker_inflight.max(spec.inflight);
     let options = FluxdOptions {
         durability: Some(mode),
         flush_interval_ms: spec.flush_interval_ms,
@@ -296,6 +307,16 @@ fn run_case(spec: &DurableSpec, round: usize, n: usize, mode: Durability) -> Cas
         let tail = broker.log_tail();
         out.error
             .get_or_insert_with(|| format!("fluxd exited during the case:\n{tail}"));
+    }
+    let log = std::fs::read_to_string(broker.log_path()).unwrap_or_default();
+    for line in log
+        .lines()
+        .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("RLIMIT_MEMLOCK"))
+    {
+        out.broker_warning_count += 1;
+        if out.broker_warnings.len() < 10 {
+            out.broker_warnings.push(line.to_string());
+        }
     }
     broker.stop();
     out
@@ -484,6 +505,13 @@ pub fn run(spec: &DurableSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
         if let (Some(_), Some(e)) = (&c.result, &c.error) {
             eprintln!("  error: {e}");
         }
+        if c.broker_warning_count > 0 {
+            eprintln!(
+                "  fluxd logged {} warnings, first: {}",
+                c.broker_warning_count,
+                c.broker_warnings.first().map_or("", |s| s.as_str())
+            );
+        }
         cases.push(c);
     }
     let summary = summarize(&spec.publisher_counts, &cases);
@@ -613,7 +641,10 @@ mod tests {
         let mut s = spec();
         s.duration = Duration::from_secs(301);
         assert!(s.validate().is_err());
-        assert_eq!(spec().queue_room(64), 64 * 272 + 1000);
+        assert_eq!(spec().queue_room(64), 64 * (256 + 16) + 1000);
+        let mut s = spec();
+        s.subscribers = 4;
+        assert_eq!(s.queue_room(16), 16 * (256 * 4 + 16) + 1000);
     }
 
     fn result(acked_per_sec: f64, p50: f64, p99: f64, lost: u64) -> LoadResult {
@@ -644,6 +675,10 @@ mod tests {
             result: Some(r),
             broker_died: false,
             error: None,
+            broker_inflight: 1000,
+            broker_queued: 1000,
+            broker_warnings: Vec::new(),
+            broker_warning_count: 0,
         };
         let cases = vec![
             case(1, Durability::Fsync, result(1000.0, 2000.0, 5000.0, 0)),

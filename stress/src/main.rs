@@ -73,8 +73,9 @@ struct DurableArgs {
     /// Unacknowledged QoS 1 publishes per publisher.
     #[arg(long, default_value_t = 16)]
     inflight: u16,
-    /// Undelivered publishes per publisher (closed-loop bound on the subscribers' queues).
-    #[arg(long, default_value_t = 256)]
+    /// Undelivered publishes per publisher and subscriber (closed-loop bound on the subscribers'
+    /// queues; large enough not to bind while the subscribers keep up).
+    #[arg(long, default_value_t = 1000)]
     window: usize,
     #[arg(long, default_value_t = 64)]
     payload_bytes: usize,
@@ -102,8 +103,17 @@ struct DurableArgs {
     probe_syncs: usize,
     #[command(flatten)]
     paths: BrokerPaths,
-    #[command(flatten)]
-    settings: BrokerSettings,
+    /// fluxd shards.
+    #[arg(long, default_value_t = 2)]
+    shards: u16,
+    /// fluxd max_inflight_messages: also the window of unacknowledged deliveries to each
+    /// subscriber. At 100 (the `run`/`compare` default) one subscriber caps the run at about
+    /// 100 messages per delivery round trip, so the consumer, not the publish path, is measured.
+    #[arg(long, default_value_t = 1000)]
+    broker_inflight: u16,
+    /// fluxd max_queued_messages (raised to what the window can leave queued, if lower).
+    #[arg(long, default_value_t = 100_000)]
+    broker_queued: usize,
     /// Write the JSON report here (default: stdout, after the table).
     #[arg(long)]
     json: Option<PathBuf>,
@@ -503,7 +513,12 @@ fn main() -> anyhow::Result<()> {
                 flush_interval_ms: a.flush_interval_ms,
                 probe_syncs: a.probe_syncs,
                 paths: a.paths.clone(),
-                settings: a.settings.clone(),
+                settings: BrokerSettings {
+                    shards: a.shards,
+                    broker_inflight: a.broker_inflight,
+                    broker_queued: a.broker_queued,
+                    broker_max_connections: 25_000,
+                },
                 progress: !a.quiet,
                 command_line: std::env::args().collect::<Vec<_>>().join(" "),
             };
