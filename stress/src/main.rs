@@ -192,6 +192,10 @@ struct ScenarioArgs {
     /// Speak MQTT 5 instead of 3.1.1.
     #[arg(long)]
     mqtt_v5: bool,
+    /// Subscribers hold persistent sessions (clean_session=0 / Session Expiry Interval): in
+    /// fluxd every QoS 1/2 message is then logged to the WAL before its PUBACK.
+    #[arg(long)]
+    persistent_subscribers: bool,
     /// Unacknowledged QoS 1/2 publishes per publisher.
     #[arg(long, default_value_t = 100)]
     inflight: u16,
@@ -343,7 +347,7 @@ fn load_spec(a: &ScenarioArgs, shards: u16) -> anyhow::Result<LoadSpec> {
         topic_base: format!("stress/{tag}"),
         client_prefix: format!("st{tag}"),
         client_rt: a.client_rt,
-        persistent_subscribers: false,
+        persistent_subscribers: a.persistent_subscribers,
         progress: !a.quiet,
         label: String::new(),
     })
