@@ -56,6 +56,8 @@ pub struct DurableSpec {
     pub paths: BrokerPaths,
     pub settings: BrokerSettings,
     pub progress: bool,
+    /// Keep each case's fluxd log here.
+    pub keep_logs: Option<PathBuf>,
     pub command_line: String,
 }
 
@@ -241,7 +243,13 @@ pub fn sync_probe(dir: &Path, syncs: usize) -> anyhow::Result<SyncProbe> {
     result.with_context(|| format!("sync probe in {}", dir.display()))
 }
 
-fn run_case(spec: &DurableSpec, round: usize, n: usize, mode: Durability) -> CaseResult {
+fn run_case(
+    spec: &DurableSpec,
+    k: usize,
+    round: usize,
+    n: usize,
+    mode: Durability,
+) -> CaseResult {
     let mut settings = spec.settings.clone();
     settings.broker_queued = settings.broker_queued.max(spec.queue_room(n));
     settings.broker_inflight = settings.broker_inflight.max(spec.inflight);
@@ -260,6 +268,9 @@ fn run_case(spec: &DurableSpec, round: usize, n: usize, mode: Durability) -> Cas
     let options = FluxdOptions {
         durability: Some(mode),
         flush_interval_ms: spec.flush_interval_ms,
+        log_file: spec.keep_logs.as_ref().map(|d| {
+            d.join(format!("case-{}-{}-{n}p-r{round}.log", k + 1, mode.name()))
+        }),
         ..FluxdOptions::default()
     };
     let mut broker = match RunningBroker::start_fluxd(&spec.paths, &settings, &options) {
@@ -452,6 +463,9 @@ pub fn run(spec: &DurableSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
     spec.validate()?;
     let started = Instant::now();
     let parent = std::env::temp_dir();
+    if let Some(d) = &spec.keep_logs {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
     let probe = if spec.probe_syncs > 0 {
         match sync_probe(&parent, spec.probe_syncs) {
             Ok(p) => {
@@ -485,7 +499,7 @@ pub fn run(spec: &DurableSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
             schedule.len(),
             mode.name()
         );
-        let c = run_case(spec, round, n, mode);
+        let c = run_case(spec, k, round, n, mode);
         match (&c.result, &c.error) {
             (Some(r), _) => eprintln!(
                 "  {:.0} acked/s, PUBACK p50 {:.0} p99 {:.0} max {:.0} µs; delivered {}/{} (lost {}, dup {}), stopped by {}",
@@ -606,6 +620,7 @@ mod tests {
                 broker_max_connections: 100,
             },
             progress: false,
+            keep_logs: None,
             command_line: String::new(),
         }
     }

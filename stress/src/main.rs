@@ -117,6 +117,9 @@ struct DurableArgs {
     /// Write the JSON report here (default: stdout, after the table).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Keep each case's fluxd log in this directory (case-<k>-<mode>-<n>p-r<round>.log).
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
     #[arg(long)]
     quiet: bool,
 }
@@ -524,6 +527,7 @@ fn main() -> anyhow::Result<()> {
                     broker_max_connections: 25_000,
                 },
                 progress: !a.quiet,
+                keep_logs: a.keep_logs.clone(),
                 command_line: std::env::args().collect::<Vec<_>>().join(" "),
             };
             durable::run(&spec, a.json.as_ref())?;
