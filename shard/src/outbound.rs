@@ -29,7 +29,7 @@ pub enum Hold {
 pub enum Resolved {
     Go,
     /// Write this packet, then go on.
-    Write(Packet),
+    Write(Box<Packet>),
     /// The durable work failed: what follows must not be written.
     Failed,
 }
@@ -78,7 +78,7 @@ impl Hold {
             Hold::Commit(log, lsn) => log.commit_to(lsn).await,
             Hold::Slot(slot) => {
                 return match slot.wait().await {
-                    Some(p) => Resolved::Write(p),
+                    Some(p) => Resolved::Write(Box::new(p)),
                     None => Resolved::Go,
                 }
             }

@@ -96,6 +96,8 @@ pub struct FluxdOptions {
     pub durability: Option<Durability>,
     /// `[durability] flush_interval_ms` (interval mode).
     pub flush_interval_ms: Option<u32>,
+    /// `[durability] segment_size_bytes` (fluxd's default: 64 MiB).
+    pub segment_size_bytes: Option<u64>,
     /// A data directory that survives the process (left in place by `stop`), for restarts on the
     /// same state. None: a fresh one inside the broker's temporary directory.
     pub data_dir: Option<PathBuf>,
@@ -207,8 +209,14 @@ impl RunningBroker {
                     "[limits]\nmax_connections = {}\nmax_inflight_messages = {}\nmax_queued_messages = {}\n",
                     settings.broker_max_connections, settings.broker_inflight, settings.broker_queued
                 );
+                if options.flush_interval_ms.is_some() || options.segment_size_bytes.is_some() {
+                    text.push_str("\n[durability]\n");
+                }
                 if let Some(ms) = options.flush_interval_ms {
-                    text.push_str(&format!("\n[durability]\nflush_interval_ms = {ms}\n"));
+                    text.push_str(&format!("flush_interval_ms = {ms}\n"));
+                }
+                if let Some(b) = options.segment_size_bytes {
+                    text.push_str(&format!("segment_size_bytes = {b}\n"));
                 }
                 fs::write(&config, text)?;
                 let data = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));

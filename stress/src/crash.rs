@@ -67,6 +67,7 @@ pub struct CrashSpec {
     pub drain: Duration,
     pub durability: Durability,
     pub flush_interval_ms: Option<u32>,
+    pub segment_size_bytes: Option<u64>,
     pub seed: Option<u64>,
     /// Fixed data directory (default: a new one under $TMPDIR, removed after a clean pass).
     pub data_dir: Option<PathBuf>,
@@ -644,6 +645,7 @@ fn start_broker(
         &FluxdOptions {
             durability: Some(spec.durability),
             flush_interval_ms: spec.flush_interval_ms,
+            segment_size_bytes: spec.segment_size_bytes,
             data_dir: Some(data_dir.to_path_buf()),
             log_file: Some(log.to_path_buf()),
         },

@@ -52,6 +52,7 @@ pub struct DurableSpec {
     pub warmup: Duration,
     pub drain: Duration,
     pub flush_interval_ms: Option<u32>,
+    pub segment_size_bytes: Option<u64>,
     pub probe_syncs: usize,
     pub paths: BrokerPaths,
     pub settings: BrokerSettings,
@@ -146,6 +147,8 @@ pub struct ModeSummary {
     /// Summed over rounds.
     pub lost: u64,
     pub dup_or_reorder: u64,
+    /// fluxd WARN/ERROR lines, summed over rounds.
+    pub broker_warnings: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -190,6 +193,7 @@ struct Report<'a> {
     warmup_secs: f64,
     messages_per_case: u64,
     flush_interval_ms: Option<u32>,
+    segment_size_bytes: Option<u64>,
     settings: &'a BrokerSettings,
     cases: &'a [CaseResult],
     summary: &'a [Row],
@@ -268,6 +272,7 @@ fn run_case(
     let options = FluxdOptions {
         durability: Some(mode),
         flush_interval_ms: spec.flush_interval_ms,
+        segment_size_bytes: spec.segment_size_bytes,
         log_file: spec.keep_logs.as_ref().map(|d| {
             d.join(format!("case-{}-{}-{n}p-r{round}.log", k + 1, mode.name()))
         }),
@@ -364,6 +369,7 @@ fn summarize_mode(cases: &[&CaseResult]) -> Option<ModeSummary> {
         broker_cpu_us_per_msg: median(&f(&|r| r.broker_cpu_us_per_msg.unwrap_or(f64::NAN))),
         lost: results.iter().map(|r| r.lost).sum(),
         dup_or_reorder: results.iter().map(|r| r.dup_or_reorder).sum(),
+        broker_warnings: cases.iter().map(|c| c.broker_warning_count).sum(),
     })
 }
 
@@ -406,15 +412,15 @@ fn cell(v: f64, decimals: usize) -> String {
 /// Markdown table: one row per (publishers, mode), then the fsync / interval ratio row.
 pub fn render_table(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| publishers | durability | acked msg/s | PUBACK p50 µs | p90 µs | p99 µs | max µs | delivery p50 µs | delivery p99 µs | CPU µs/msg | lost | dup | rounds ok |\n\
-         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| publishers | durability | acked msg/s | PUBACK p50 µs | p90 µs | p99 µs | max µs | delivery p50 µs | delivery p99 µs | CPU µs/msg | lost | dup | fluxd warnings | rounds ok |\n\
+         |---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in rows {
         for (name, s) in [("fsync", &row.fsync), ("interval", &row.interval)] {
             let Some(s) = s else { continue };
             let _ = writeln!(
                 t,
-                "| {} | {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {name} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.publishers,
                 cell(s.acked_per_sec, 0),
                 cell(s.puback_p50_us, 0),
@@ -426,6 +432,7 @@ pub fn render_table(rows: &[Row]) -> String {
                 cell(s.broker_cpu_us_per_msg, 2),
                 s.lost,
                 s.dup_or_reorder,
+                s.broker_warnings,
                 s.rounds_ok
             );
         }
@@ -439,7 +446,7 @@ pub fn render_table(rows: &[Row]) -> String {
             };
             let _ = writeln!(
                 t,
-                "| {} | fsync / interval | {} | {} | - | {} | - | - | - | - | - | - | - |",
+                "| {} | fsync / interval | {} | {} | - | {} | - | - | - | - | - | - | - | - |",
                 row.publishers,
                 x(row.throughput_ratio),
                 x(row.p50_ratio),
@@ -554,6 +561,7 @@ pub fn run(spec: &DurableSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
         warmup_secs: spec.warmup.as_secs_f64(),
         messages_per_case: spec.messages,
         flush_interval_ms: spec.flush_interval_ms,
+        segment_size_bytes: spec.segment_size_bytes,
         settings: &spec.settings,
         cases: &cases,
         summary: &summary,
@@ -607,6 +615,7 @@ mod tests {
             warmup: Duration::from_millis(500),
             drain: Duration::from_secs(3),
             flush_interval_ms: None,
+            segment_size_bytes: None,
             probe_syncs: 0,
             paths: BrokerPaths {
                 fluxd_bin: "fluxd".into(),

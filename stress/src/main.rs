@@ -98,6 +98,9 @@ struct DurableArgs {
     /// fluxd `[durability] flush_interval_ms` (interval mode; fluxd's default 10 when absent).
     #[arg(long)]
     flush_interval_ms: Option<u32>,
+    /// fluxd `[durability] segment_size_bytes` (fluxd's default 64 MiB when absent).
+    #[arg(long)]
+    segment_size_bytes: Option<u64>,
     /// write+fdatasync rounds of the disk probe before the cases (0 skips it).
     #[arg(long, default_value_t = 200)]
     probe_syncs: usize,
@@ -158,6 +161,10 @@ struct CrashArgs {
     durability: Durability,
     #[arg(long)]
     flush_interval_ms: Option<u32>,
+    /// fluxd `[durability] segment_size_bytes` (small values force segment rollovers and
+    /// checkpoints into the kill window).
+    #[arg(long)]
+    segment_size_bytes: Option<u64>,
     /// Seed for the kill moments (default: from the clock; printed in the report).
     #[arg(long)]
     seed: Option<u64>,
@@ -518,6 +525,7 @@ fn main() -> anyhow::Result<()> {
                 warmup: secs(a.warmup_secs, "--warmup-secs")?,
                 drain: secs(a.drain_secs, "--drain-secs")?,
                 flush_interval_ms: a.flush_interval_ms,
+                segment_size_bytes: a.segment_size_bytes,
                 probe_syncs: a.probe_syncs,
                 paths: a.paths.clone(),
                 settings: BrokerSettings {
@@ -546,6 +554,7 @@ fn main() -> anyhow::Result<()> {
                 drain: secs(a.drain_secs, "--drain-secs")?,
                 durability: a.durability,
                 flush_interval_ms: a.flush_interval_ms,
+                segment_size_bytes: a.segment_size_bytes,
                 seed: a.seed,
                 data_dir: a.data_dir.clone(),
                 keep: a.keep,
