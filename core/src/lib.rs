@@ -6,6 +6,7 @@
 
 pub mod limits;
 pub mod mqtt;
+pub mod queue;
 pub mod session;
 pub mod shard;
 pub mod topic;

@@ -1,0 +1,116 @@
+//! Queue names and settings.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Longest queue name, in bytes.
+pub const MAX_QUEUE_NAME_BYTES: usize = 255;
+
+/// A validated queue name: 1..=255 bytes of UTF-8 without `/`, `+`, `#` or NUL, so that
+/// `$queue/<name>` is one topic level and the name can appear in file and metric names.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueName(Arc<str>);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QueueNameError {
+    #[error("a queue name is 1 to 255 bytes")]
+    Length,
+    #[error("a queue name cannot contain '/', '+', '#' or NUL")]
+    Character,
+}
+
+impl QueueName {
+    pub fn new(s: &str) -> Result<QueueName, QueueNameError> {
+        if s.is_empty() || s.len() > MAX_QUEUE_NAME_BYTES {
+            return Err(QueueNameError::Length);
+        }
+        if s.contains(['/', '+', '#', '\0']) {
+            return Err(QueueNameError::Character);
+        }
+        Ok(QueueName(Arc::from(s)))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for QueueName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a full queue does with a new message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Overflow {
+    /// Refuse it; the publisher is told (MQTT 5 PUBACK 0x97 Quota exceeded).
+    #[default]
+    RejectPublish,
+    /// Take it and drop the oldest message (dead-lettered if the queue has a dead-letter queue),
+    /// counted.
+    DropHead,
+}
+
+/// Where a consumer group's next message goes.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Dispatch {
+    /// Each consumer in turn (among those with room under their prefetch).
+    #[default]
+    RoundRobin,
+    /// A consumer picked at random among those with room (deterministic generator, seeded per
+    /// queue).
+    Random,
+    /// The consumer with the fewest unacknowledged messages.
+    LeastInflight,
+    /// Messages with the same key go to the same consumer while it lives (per-key order with
+    /// parallel consumers); keys are reassigned when consumers come and go.
+    KeyAffine(KeySource),
+}
+
+/// Where key-affine dispatch finds a message's key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KeySource {
+    /// The value of this MQTT 5 user property.
+    UserProperty(String),
+    /// This topic level (0 = first).
+    TopicLevel(usize),
+}
+
+/// A queue's settings. Every bound is explicit; memory per message is one refcounted message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Messages in the queue (not yet done by every group); then `overflow` applies.
+    pub max_messages: usize,
+    /// Payload bytes in the queue; then `overflow` applies.
+    pub max_bytes: usize,
+    /// A message older than this is removed (dead-lettered if configured). `None`: never.
+    pub message_ttl: Option<Duration>,
+    pub overflow: Overflow,
+    /// Queue that receives messages rejected too often, expired, or dropped by overflow.
+    pub dead_letter: Option<QueueName>,
+    /// Deliveries of one message to one group before it is dead-lettered (or dropped).
+    pub max_deliveries: u32,
+    pub dispatch: Dispatch,
+    /// A delivered message not acknowledged within this time is delivered again (visibility
+    /// timeout). `None`: only a disconnect or a reject redelivers.
+    pub ack_timeout: Option<Duration>,
+    /// Unacknowledged messages per consumer when the consumer does not say (prefetch).
+    pub default_prefetch: u16,
+}
+
+impl Default for QueueConfig {
+    fn default() -> QueueConfig {
+        QueueConfig {
+            max_messages: 1_000_000,
+            max_bytes: 1 << 30,
+            message_ttl: None,
+            overflow: Overflow::RejectPublish,
+            dead_letter: None,
+            max_deliveries: 10,
+            dispatch: Dispatch::RoundRobin,
+            ack_timeout: Some(Duration::from_secs(30)),
+            default_prefetch: 64,
+        }
+    }
+}

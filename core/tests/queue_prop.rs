@@ -1,0 +1,315 @@
+//! State-machine test of the queue engine against a simple model.
+//!
+//! Random publishes, consumers joining and leaving two groups, acks, rejects, nacks with and
+//! without requeue, ack timeouts, and crashes (the queue is rebuilt from its journal, as the
+//! owner shard's log would do; consumers are gone). Checked as it runs:
+//! - a consumer never holds more than its prefetch;
+//! - a message delivered to a group is one that was published and not yet done in that group,
+//!   and it is held by one consumer of the group at a time;
+//! - first deliveries in a group come in offset order (FIFO);
+//! - a message is dead-lettered exactly when it was released `max_deliveries` times, and is
+//!   never delivered to that group again;
+//! - the queue never holds more than `max_messages`; a reject-publish queue refuses beyond it.
+//!
+//! At the end one consumer per group drains the queue: every published message that was not
+//! dead-lettered nor refused is acknowledged in every group (at least once; exactly once when no
+//! crash happened).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use flux_core::mqtt::{Properties, QoS};
+use flux_core::queue::{ConsumerId, Overflow, Queue, QueueConfig, QueueName, DEFAULT_GROUP};
+use flux_core::session::Publication;
+use flux_core::topic::TopicName;
+use proptest::prelude::*;
+
+const GROUPS: [&str; 2] = [DEFAULT_GROUP, "audit"];
+const MAX_DELIVERIES: u32 = 3;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Publish,
+    Attach { consumer: u64, group: usize, prefetch: u16 },
+    Detach(u64),
+    Ack(usize),
+    Reject(usize),
+    Nack(usize, bool),
+    Dispatch,
+    Tick(u64),
+    Crash,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        6 => Just(Op::Publish),
+        2 => (0u64..4, 0usize..2, 1u16..4).prop_map(|(consumer, group, prefetch)| Op::Attach { consumer, group, prefetch }),
+        1 => (0u64..4).prop_map(Op::Detach),
+        6 => (0usize..64).prop_map(Op::Ack),
+        2 => (0usize..64).prop_map(Op::Reject),
+        1 => (0usize..64, any::<bool>()).prop_map(|(i, r)| Op::Nack(i, r)),
+        6 => Just(Op::Dispatch),
+        1 => (0u64..3).prop_map(Op::Tick),
+        1 => Just(Op::Crash),
+    ]
+}
+
+fn message(seq: u64) -> Arc<Publication> {
+    Arc::new(Publication {
+        topic: TopicName::new("q/t").expect("topic"),
+        payload: Bytes::copy_from_slice(&seq.to_be_bytes()),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+        expires_at: None,
+        publisher: None,
+    })
+}
+
+fn seq_of(m: &Publication) -> u64 {
+    u64::from_be_bytes(m.payload[..].try_into().expect("8 bytes"))
+}
+
+struct Model {
+    q: Queue,
+    config: QueueConfig,
+    now: Instant,
+    journal: Vec<flux_core::queue::QueueJournal>,
+    published: BTreeSet<u64>,
+    refused: BTreeSet<u64>,
+    next_seq: u64,
+    /// consumer -> (group, prefetch)
+    consumers: HashMap<u64, (usize, u16)>,
+    /// (group, seq) -> consumer holding it
+    held: BTreeMap<(usize, u64), u64>,
+    /// (group, seq) -> when its ack timeout runs out
+    deadline: HashMap<(usize, u64), Instant>,
+    /// (group, seq) -> deliveries so far
+    deliveries: HashMap<(usize, u64), u32>,
+    /// per group: done (acked or dead-lettered)
+    done: [BTreeSet<u64>; 2],
+    acked_twice: u64,
+    dead: BTreeSet<(usize, u64)>,
+    last_first: [Option<u64>; 2],
+    crashed: bool,
+}
+
+impl Model {
+    fn new(config: QueueConfig) -> Model {
+        let mut q = Queue::new(QueueName::new("orders").expect("name"), config.clone());
+        q.attach(ConsumerId(99), GROUPS[1], 1);
+        q.detach(ConsumerId(99)); // the audit group exists from the start
+        let journal = q.take_journal();
+        Model {
+            q,
+            config,
+            now: Instant::now(),
+            journal,
+            published: BTreeSet::new(),
+            refused: BTreeSet::new(),
+            next_seq: 0,
+            consumers: HashMap::new(),
+            held: BTreeMap::new(),
+            deadline: HashMap::new(),
+            deliveries: HashMap::new(),
+            done: [BTreeSet::new(), BTreeSet::new()],
+            acked_twice: 0,
+            dead: BTreeSet::new(),
+            last_first: [None, None],
+            crashed: false,
+        }
+    }
+
+    fn step(&mut self, op: &Op) {
+        match *op {
+            Op::Publish => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                match self.q.publish(message(seq), self.now) {
+                    Ok(_) => {
+                        self.published.insert(seq);
+                    }
+                    Err(_) => {
+                        assert_eq!(self.q.depth(), self.config.max_messages, "refused below the limit");
+                        self.refused.insert(seq);
+                    }
+                }
+                assert!(self.q.depth() <= self.config.max_messages);
+            }
+            Op::Attach { consumer, group, prefetch } => {
+                self.release_all(consumer);
+                self.q.attach(ConsumerId(consumer), GROUPS[group], prefetch);
+                self.consumers.insert(consumer, (group, prefetch));
+            }
+            Op::Detach(consumer) => {
+                self.release_all(consumer);
+                self.q.detach(ConsumerId(consumer));
+                self.consumers.remove(&consumer);
+            }
+            Op::Ack(i) => {
+                if let Some((g, seq, c)) = self.pick(i) {
+                    assert!(self.q.ack(ConsumerId(c), self.offset_of(seq)), "ack of a held message refused");
+                    self.held.remove(&(g, seq));
+                    if !self.done[g].insert(seq) {
+                        self.acked_twice += 1;
+                    }
+                }
+            }
+            Op::Reject(i) => self.release(i, true),
+            Op::Nack(i, requeue) => self.release(i, requeue),
+            Op::Dispatch => self.dispatch(),
+            Op::Tick(secs) => {
+                self.now += Duration::from_secs(secs);
+                let now = self.now;
+                let timed_out: Vec<(usize, u64)> =
+                    self.held.keys().copied().filter(|k| self.deadline.get(k).is_some_and(|d| *d <= now)).collect();
+                self.q.tick(self.now);
+                for (g, seq) in timed_out {
+                    self.held.remove(&(g, seq));
+                    self.released(g, seq, true);
+                }
+            }
+            Op::Crash => {
+                self.journal.extend(self.q.take_journal());
+                let mut q = Queue::new(QueueName::new("orders").expect("name"), self.config.clone());
+                for e in self.journal.clone() {
+                    q.replay(e);
+                }
+                // The checkpoint form rebuilds the same queue.
+                let mut from_snapshot = Queue::new(QueueName::new("orders").expect("name"), self.config.clone());
+                for e in q.snapshot() {
+                    from_snapshot.replay(e);
+                }
+                assert_eq!(from_snapshot.depth(), q.depth());
+                assert_eq!(from_snapshot.group_lag().iter().map(|l| l.2).collect::<Vec<_>>(), q.group_lag().iter().map(|l| l.2).collect::<Vec<_>>());
+                self.q = q;
+                self.held.clear();
+                self.consumers.clear();
+                // Delivery counts are not logged: they start again after a restart.
+                self.deliveries.clear();
+                self.last_first = [None, None];
+                self.crashed = true;
+            }
+        }
+        self.journal.extend(self.q.take_journal());
+        for d in self.q.take_dead_letters() {
+            let _ = d;
+        }
+        for (&c, &(_, prefetch)) in &self.consumers {
+            assert!(self.q.inflight_of(ConsumerId(c)) <= usize::from(prefetch), "prefetch exceeded");
+        }
+    }
+
+    /// Offsets equal sequence numbers of accepted publishes only when nothing was refused; map.
+    fn offset_of(&self, seq: u64) -> u64 {
+        self.published.range(..seq).count() as u64
+    }
+
+    fn pick(&self, i: usize) -> Option<(usize, u64, u64)> {
+        if self.held.is_empty() {
+            return None;
+        }
+        let (&(g, seq), &c) = self.held.iter().nth(i % self.held.len())?;
+        Some((g, seq, c))
+    }
+
+    fn release(&mut self, i: usize, requeue: bool) {
+        if let Some((g, seq, c)) = self.pick(i) {
+            assert!(self.q.nack(ConsumerId(c), self.offset_of(seq), requeue));
+            self.held.remove(&(g, seq));
+            self.released(g, seq, requeue);
+        }
+    }
+
+    fn released(&mut self, g: usize, seq: u64, requeue: bool) {
+        let n = self.deliveries.get(&(g, seq)).copied().unwrap_or(0);
+        if !requeue || n >= MAX_DELIVERIES {
+            self.dead.insert((g, seq));
+            self.done[g].insert(seq);
+        }
+    }
+
+    fn release_all(&mut self, consumer: u64) {
+        // Held by a departing consumer: available again, no delivery counted beyond the first.
+        self.held.retain(|_, c| *c != consumer);
+    }
+
+    fn dispatch(&mut self) {
+        for d in self.q.dispatch(self.now) {
+            let seq = seq_of(&d.message);
+            let c = d.consumer.0;
+            let (g, _) = *self.consumers.get(&c).expect("delivered to an attached consumer");
+            assert!(self.published.contains(&seq), "delivered {seq}, never published");
+            assert!(!self.done[g].contains(&seq), "delivered {seq} to group {g} after it was done");
+            assert!(!self.dead.contains(&(g, seq)), "dead-lettered {seq} delivered again");
+            assert!(self.held.insert((g, seq), c).is_none(), "{seq} held twice in group {g}");
+            self.deadline.insert((g, seq), self.now + Duration::from_secs(2));
+            let n = self.deliveries.entry((g, seq)).or_insert(0);
+            *n += 1;
+            if d.attempt == 1 && !self.crashed {
+                if let Some(last) = self.last_first[g] {
+                    assert!(seq > last, "group {g}: first delivery of {seq} after {last}: not FIFO");
+                }
+                self.last_first[g] = Some(seq);
+            }
+        }
+    }
+
+    fn drain(&mut self) {
+        for (g, group) in GROUPS.iter().enumerate() {
+            let c = 100 + g as u64;
+            let held: Vec<u64> = self.consumers.keys().copied().collect();
+            for h in held {
+                self.step(&Op::Detach(h));
+            }
+            self.q.attach(ConsumerId(c), group, 8);
+            self.consumers.insert(c, (g, 8));
+            for _ in 0..(self.next_seq * 4 + 10) {
+                self.dispatch();
+                if self.held.is_empty() {
+                    break;
+                }
+                while let Some((g2, seq, c2)) = self.pick(0) {
+                    assert!(self.q.ack(ConsumerId(c2), self.offset_of(seq)));
+                    self.held.remove(&(g2, seq));
+                    if !self.done[g2].insert(seq) {
+                        self.acked_twice += 1;
+                    }
+                }
+            }
+            self.q.detach(ConsumerId(c));
+            self.consumers.remove(&c);
+            for &seq in &self.published {
+                assert!(self.done[g].contains(&seq), "group {g}: message {seq} lost");
+            }
+        }
+        assert_eq!(self.acked_twice, 0, "acknowledged twice");
+        assert_eq!(self.q.depth(), 0, "everything done yet still queued");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn queue_against_model_at_least_once_fifo_dead_letters(
+        ops in proptest::collection::vec(op(), 0..150),
+        max_messages in 1usize..40,
+    ) {
+        let config = QueueConfig {
+            max_messages,
+            overflow: Overflow::RejectPublish,
+            max_deliveries: MAX_DELIVERIES,
+            ack_timeout: Some(Duration::from_secs(2)),
+            dead_letter: Some(QueueName::new("orders.dlq").expect("name")),
+            ..QueueConfig::default()
+        };
+        let mut m = Model::new(config);
+        for op in &ops {
+            m.step(op);
+        }
+        m.drain();
+    }
+}
