@@ -329,6 +329,10 @@ fn process(broker: &Rc<Broker>, opened: &Opened, packet: Packet) -> Result<Optio
                 broker.unsubscribe(key, &removed);
                 None
             }
+            Event::QueueAck { tag, accepted } => {
+                broker.queue_ack(tag, accepted);
+                None
+            }
         };
         // One packet yields at most one event today; chain them in order if that changes.
         wait = match (wait, next) {

@@ -40,6 +40,8 @@ pub struct BrokerConfig {
     pub io_memory_bytes: usize,
     /// The per-shard write-ahead logs under `data_dir` (`wal-shard-N`).
     pub durability: DurabilityConfig,
+    /// Durable queues declared in the config file.
+    pub queues: Vec<flux_shard::broker::queues::QueueSpec>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +201,9 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
     glommio::spawn_local(log.clone().run_flusher()).detach();
     for wait in broker.restore(replayed, Instant::now()) {
         wait.done().await;
+    }
+    for q in &shared.config.queues {
+        broker.declare_configured_queue(q.name.clone(), q.config.clone(), q.filters.clone());
     }
     shared.restored.fetch_add(1, Ordering::AcqRel);
     while shared.restored.load(Ordering::Acquire) < usize::from(shards_of(&shared)) && !shared.shutdown.load(Ordering::Relaxed) {

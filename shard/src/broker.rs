@@ -34,6 +34,7 @@ use crate::signal::{Gather, GatherState};
 pub type SessKey = u64;
 
 mod persist;
+pub mod queues;
 
 /// A session and, while a client is attached, its connection.
 pub struct SessionEntry {
@@ -80,12 +81,20 @@ struct State {
     next_req: u64,
     /// (when, session): a will may be due or the session may expire then.
     deadlines: BTreeSet<(Instant, SessKey)>,
+    /// Queue bindings (replicated on every shard): filter -> queue names.
+    queue_routes: SubscriptionTrie<flux_core::queue::QueueName>,
+    /// The queues this shard owns.
+    owned_queues: HashMap<flux_core::queue::QueueName, queues::OwnedQueue>,
+    /// Queue consumers among this shard's sessions.
+    queue_consumers: HashMap<SessKey, Vec<queues::QueueConsumer>>,
+    next_consumer: u64,
 }
 
 /// A PUBACK/PUBREC whose reason code waits for the other shards that took the publish.
 struct PendingPubAck {
     remaining: usize,
-    failed: bool,
+    /// Set when a shard refused: the reason code the publisher gets.
+    refused: Option<ReasonCode>,
     key: SessKey,
     conn_id: u64,
     packet_id: PacketId,
@@ -208,6 +217,7 @@ impl Broker {
             st.next_conn_id
         };
         let mut resumed = None;
+        let existing_key = existing.as_ref().map(|(k, _)| *k);
         if let Some((key, entry)) = existing {
             let mut e = entry.borrow_mut();
             // Expired but not yet reaped by housekeeping (it runs once a second): not resumable.
@@ -306,7 +316,30 @@ impl Broker {
         for d in handoff {
             self.redispatch_shared(d, Some(key), now);
         }
+        if let Some(old) = existing_key {
+            // Taken over or discarded: the previous connection's queue consumers leave.
+            self.queue_session_gone(old);
+        }
+        if session_present {
+            self.reattach_queue_consumers(key);
+        }
         Opened { key, conn_id, session_present }
+    }
+
+    /// Attach the queue subscriptions of a session again (resumed, or restored after a restart
+    /// when its client connects).
+    fn reattach_queue_consumers(&self, key: SessKey) {
+        let Some(entry) = self.entry(key) else { return };
+        let subs: Vec<Subscribed> = entry
+            .borrow()
+            .session
+            .subscriptions()
+            .filter(|s| queues::queue_filter(&s.filter).is_some())
+            .map(|s| Subscribed { subscription: s.clone(), existed: true, group: None })
+            .collect();
+        if !subs.is_empty() {
+            self.queue_resume(key, subs);
+        }
     }
 
     /// Run one packet from the client through its session; packets go straight out (for a
@@ -339,7 +372,7 @@ impl Broker {
         if message.retain {
             remote += usize::from(self.retain(message.clone(), req));
         }
-        let (matched, routed_remote) = self.route(&message, req, now);
+        let (matched, routed_remote, refused) = self.route(&message, req, now);
         remote += routed_remote;
         let matched = matched || message.retain;
         let (Some((packet_id, qos)), Some(req)) = (ack, req) else { return };
@@ -351,9 +384,13 @@ impl Broker {
         }
         let mut out = Outbox::default();
         let local = self.pending_since(mark);
-        if local == Pending::Failed {
-            tracing::warn!(client_id = %e.session.client_id(), topic = %message.topic, "publish refused: its durable effects could not be written");
-            if e.session.publish_refused(packet_id, qos, ReasonCode::UnspecifiedError, &mut out).is_err() {
+        let refusal = match (local, refused) {
+            (Pending::Failed, _) => Some(ReasonCode::UnspecifiedError),
+            (_, r) => r,
+        };
+        if let Some(reason) = refusal {
+            tracing::warn!(client_id = %e.session.client_id(), topic = %message.topic, ?reason, "publish refused: its durable effects could not be written");
+            if e.session.publish_refused(packet_id, qos, reason, &mut out).is_err() {
                 if let Some(c) = &e.conn {
                     c.close(None);
                 }
@@ -377,7 +414,7 @@ impl Broker {
             if let Some(c) = &e.conn {
                 c.send_after(Some(Hold::Slot(slot.clone())), std::iter::empty());
             }
-            let pending = PendingPubAck { remaining: remote, failed: false, key, conn_id, packet_id, qos, matched, slot };
+            let pending = PendingPubAck { remaining: remote, refused: None, key, conn_id, packet_id, qos, matched, slot };
             self.state.borrow_mut().pending_acks.insert(req, pending);
             return;
         }
@@ -385,12 +422,13 @@ impl Broker {
         self.send_to(&e, &out.packets, None, false);
     }
 
-    /// One other shard answered for a pending acknowledgement; after the last, decide it.
-    fn answer_pending_ack(&self, req: u64, ok: bool) -> bool {
+    /// One other shard answered for a pending acknowledgement (`refused`: with that reason
+    /// code); after the last, decide it.
+    fn answer_pending_ack(&self, req: u64, refused: Option<ReasonCode>) -> bool {
         let done = {
             let mut st = self.state.borrow_mut();
             let Some(p) = st.pending_acks.get_mut(&req) else { return false };
-            p.failed |= !ok;
+            p.refused = p.refused.or(refused);
             p.remaining = p.remaining.saturating_sub(1);
             if p.remaining > 0 {
                 return true;
@@ -415,9 +453,9 @@ impl Broker {
             return;
         }
         let mut out = Outbox::default();
-        if p.failed {
-            tracing::warn!(client_id = %e.session.client_id(), "publish refused: another shard could not store it");
-            if e.session.publish_refused(p.packet_id, p.qos, ReasonCode::UnspecifiedError, &mut out).is_err() {
+        if let Some(reason) = p.refused {
+            tracing::warn!(client_id = %e.session.client_id(), ?reason, "publish refused: another shard could not store it");
+            if e.session.publish_refused(p.packet_id, p.qos, reason, &mut out).is_err() {
                 p.slot.fill(None);
                 if let Some(c) = &e.conn {
                     c.close(None);
@@ -444,8 +482,16 @@ impl Broker {
     /// Deliver to live subscribers only (the retained store is the caller's business). With
     /// `confirm`, every other shard that takes the message answers request `confirm` once what it
     /// stored is durable. Returns whether anything took it, and how many answers to expect.
-    fn route(&self, message: &Message, confirm: Option<u64>, now: Instant) -> (bool, usize) {
+    fn route(&self, message: &Message, confirm: Option<u64>, now: Instant) -> (bool, usize, Option<ReasonCode>) {
         self.stats.published.set(self.stats.published.get() + 1);
+        let (queued, queue_confirms, refused) = match self.route_to_queues(message, confirm, now) {
+            Ok((m, c)) => (m, c, None),
+            Err(reason) => (true, 0, Some(reason)),
+        };
+        if queues::queue_topic(message.topic.as_str()).is_some() {
+            // `$queue/<name>`: straight into that queue, not to subscribers.
+            return (queued, queue_confirms, refused);
+        }
         let mut dest = vec![false; usize::from(self.shard_count)];
         let mut groups = Vec::new();
         let mut picks = Vec::new();
@@ -459,8 +505,8 @@ impl Broker {
                 }
             }
         }
-        let mut matched = !picks.is_empty();
-        let mut confirms = 0;
+        let mut matched = !picks.is_empty() || queued;
+        let mut confirms = queue_confirms;
         for (i, wanted) in dest.iter().enumerate() {
             if !wanted {
                 continue;
@@ -490,7 +536,7 @@ impl Broker {
                 self.mesh.send(shard, ShardMsg::PublishShared { message: message.clone(), group, filter, hops: 0, confirm });
             }
         }
-        (matched, confirms)
+        (matched, confirms, refused)
     }
 
     /// Send `message` to the retained store of its topic's owner shard. With `confirm`, the
@@ -655,11 +701,28 @@ impl Broker {
     /// one step, so a message published after the client saw its SUBACK cannot overtake them.
     pub async fn subscribe(&self, key: SessKey, conn_id: u64, added: Vec<Subscribed>, suback: SubAck, now: Instant) {
         let mut waits = Vec::new();
-        for s in &added {
-            if s.existed {
-                continue;
+        let mut refused_queue = Vec::new();
+        for (i, s) in added.iter().enumerate() {
+            match queues::queue_filter(&s.subscription.filter) {
+                Some(Ok(qs)) => waits.push(self.queue_subscribe(key, s, qs)),
+                Some(Err(())) => refused_queue.push(i),
+                None if s.existed => {}
+                None => waits.push(self.add_subscription(key, &s.subscription.filter)),
             }
-            waits.push(self.add_subscription(key, &s.subscription.filter));
+        }
+        let mut suback = suback;
+        if !refused_queue.is_empty() {
+            // A `$queue/` or `$q/` filter whose queue name or bound filter is invalid.
+            let mut j = 0;
+            for r in suback.reasons.iter_mut() {
+                if r.is_error() {
+                    continue;
+                }
+                if refused_queue.contains(&j) {
+                    *r = ReasonCode::TopicFilterInvalid;
+                }
+                j += 1;
+            }
         }
         for w in waits {
             w.done().await;
@@ -672,14 +735,16 @@ impl Broker {
                 RetainHandling::SendIfNew => !s.existed,
                 RetainHandling::DoNotSend => false,
             };
-            // Retained messages are not sent for shared subscriptions (MQTT 5 4.8.2).
-            if wanted && sub.filter.group().is_none() {
+            // Retained messages are not sent for shared subscriptions (MQTT 5 4.8.2) nor for
+            // queue consumers (a queue holds what was published while it existed).
+            if wanted && sub.filter.group().is_none() && queues::queue_filter(&sub.filter).is_none() {
                 for m in self.retained_matching(sub.filter.filter()).await {
                     retained.push(Delivery {
                         qos: m.qos.min(sub.options.qos),
                         retain: true,
                         subscription_ids: sub.id.into_iter().collect(),
                         shared: None,
+                        queue: None,
                         message: m,
                     });
                 }
@@ -710,6 +775,11 @@ impl Broker {
     }
 
     pub fn unsubscribe(&self, key: SessKey, removed: &[SubscriptionFilter]) {
+        for f in removed {
+            if let (Some(_), SubscriptionFilter::Plain(t)) = (queues::queue_filter(f), f) {
+                self.queue_unsubscribe(key, t.as_str());
+            }
+        }
         self.remove_subscriptions(key, removed);
     }
 
@@ -735,7 +805,7 @@ impl Broker {
     }
 
     fn remove_subscriptions(&self, key: SessKey, filters: &[SubscriptionFilter]) {
-        for filter in filters {
+        for filter in filters.iter().filter(|f| queues::queue_filter(f).is_none()) {
             let (route_key, members) = {
                 let mut st = self.state.borrow_mut();
                 match filter {
@@ -897,11 +967,13 @@ impl Broker {
         for d in handoff {
             self.redispatch_shared(d, Some(key), now);
         }
+        self.queue_session_gone(key);
     }
 
     /// Close connections silent past 1.5 x keep alive, publish delayed wills that are due and
     /// end expired sessions. Called a few times a second.
     pub fn housekeeping(&self, now: Instant) {
+        self.queues_tick(now);
         let silent: Vec<(Rc<Outbound>, Arc<str>)> = self
             .state
             .borrow()
@@ -1000,13 +1072,14 @@ impl Broker {
                     }
                 }
                 ShardMsg::Ack { req } => {
-                    if !self.answer_pending_ack(req, true) {
+                    if !self.answer_pending_ack(req, None) {
                         self.reply(req, Vec::new());
                     }
                 }
-                ShardMsg::Failed { req } => {
+                ShardMsg::Failed { req, quota } => {
+                    let reason = if quota { ReasonCode::QuotaExceeded } else { ReasonCode::UnspecifiedError };
                     // Only publishes are confirmed with Failed; anything else treats it as an answer.
-                    if !self.answer_pending_ack(req, false) {
+                    if !self.answer_pending_ack(req, Some(reason)) {
                         self.reply(req, Vec::new());
                     }
                 }
@@ -1023,6 +1096,12 @@ impl Broker {
                 }
                 ShardMsg::RetainReply { req, messages } => self.reply(req, messages),
                 ShardMsg::Handover(h) => (self.on_handover)(h),
+                m @ (ShardMsg::QueueBind { .. }
+                | ShardMsg::QueueAppend { .. }
+                | ShardMsg::QueueAttach { .. }
+                | ShardMsg::QueueDetach { .. }
+                | ShardMsg::QueueDeliver { .. }
+                | ShardMsg::QueueAck { .. }) => self.on_queue_msg(from, m, now),
             }
         }
     }
@@ -1121,7 +1200,7 @@ impl Broker {
             (Some(log), Some(mark)) => match log.since(mark) {
                 Pending::Nothing => self.mesh.send(to, ShardMsg::Ack { req }),
                 Pending::Commit(lsn) => log.confirm_after(lsn, to, req),
-                Pending::Failed => self.mesh.send(to, ShardMsg::Failed { req }),
+                Pending::Failed => self.mesh.send(to, ShardMsg::Failed { req, quota: false }),
             },
             _ => self.mesh.send(to, ShardMsg::Ack { req }),
         }
@@ -1133,7 +1212,7 @@ impl Broker {
         let Some(log) = self.log.clone() else { return };
         loop {
             for (to, req, ok) in log.next_replies().await {
-                self.mesh.send(to, if ok { ShardMsg::Ack { req } } else { ShardMsg::Failed { req } });
+                self.mesh.send(to, if ok { ShardMsg::Ack { req } } else { ShardMsg::Failed { req, quota: false } });
             }
         }
     }
@@ -1180,5 +1259,5 @@ fn merge_delivery<'a>(session: &Session, message: &Message, filters: impl Iterat
         retain |= sub.options.retain_as_published && message.retain;
         ids.extend(sub.id);
     }
-    qos.map(|qos| Delivery { message: message.clone(), qos, retain, subscription_ids: ids, shared: None })
+    qos.map(|qos| Delivery { message: message.clone(), qos, retain, subscription_ids: ids, shared: None, queue: None })
 }

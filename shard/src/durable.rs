@@ -205,6 +205,13 @@ impl ShardLog {
         }
     }
 
+    /// A checkpoint's record: not bounded by `max_pending_bytes` (it copies state held in memory
+    /// anyway), and a refusal does not count against other work (the checkpoint fails alone).
+    pub fn append_checkpoint(&self, record: &Record) -> bool {
+        self.dirty.notify();
+        self.wal.append_unbounded(record).is_ok()
+    }
+
     pub fn mark(&self) -> LogMark {
         LogMark { next: self.wal.next_lsn(), failures: self.failures.get() }
     }
@@ -363,7 +370,7 @@ pub fn delivery_from_stored(s: &StoredMessage, clock: &WallClock) -> Option<Deli
     let subscription_ids = std::mem::take(&mut publication.properties.subscription_identifiers);
     let qos = publication.qos;
     let retain = publication.retain;
-    Some(Delivery { message: Arc::new(publication), qos, retain, subscription_ids, shared: None })
+    Some(Delivery { message: Arc::new(publication), qos, retain, subscription_ids, shared: None, queue: None })
 }
 
 /// The records of one journal entry of session `client_id`.
@@ -412,6 +419,8 @@ pub struct LoggedSession {
 pub struct Replayed {
     pub retained: HashMap<String, StoredMessage>,
     pub sessions: HashMap<String, LoggedSession>,
+    /// Durable queues this shard owns.
+    pub queues: HashMap<String, crate::broker::queues::ReplayedQueue>,
     /// Records that named a state the replay did not know (normal after a checkpoint deleted
     /// older segments; the checkpoint rewrote what was live).
     pub orphans: u64,
@@ -421,6 +430,9 @@ pub struct Replayed {
 impl Replayed {
     pub fn apply(&mut self, record: Record, clock: &WallClock) {
         self.records += 1;
+        if crate::broker::queues::replay_queue_record(&mut self.queues, &record, clock) {
+            return;
+        }
         match record {
             Record::RetainedSet { message } => {
                 self.retained.insert(message.topic.clone(), message);
@@ -509,6 +521,13 @@ impl Replayed {
                 }
             }
             Record::Checkpoint { .. } => {}
+            Record::QueueDeclare { .. }
+            | Record::QueueDelete { .. }
+            | Record::QueueAppend { .. }
+            | Record::QueueDone { .. }
+            | Record::QueueTrim { .. }
+            | Record::QueueGroup { .. }
+            | Record::QueueCommitted { .. } => {}
         }
     }
 

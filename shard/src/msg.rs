@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use flux_core::queue::{ConsumerId, Offset, QueueName};
 use flux_core::session::Message;
 use flux_core::topic::TopicFilter;
 use flux_core::ShardId;
@@ -38,8 +39,9 @@ pub enum ShardMsg {
     /// applying it twice is harmless. `req`: acknowledge with `Ack` to the sender.
     RouteUpdate { key: RouteKey, shard: ShardId, members: u32, req: Option<u64> },
     Ack { req: u64 },
-    /// The request could not be carried out durably (the replier's log refused the write).
-    Failed { req: u64 },
+    /// The request could not be carried out: the replier's log refused the write, or (`quota`)
+    /// a queue was full.
+    Failed { req: u64, quota: bool },
     /// Set (or, with an empty payload, clear) the retained message of its topic; sent to the
     /// topic's owner shard. `req`: acknowledge once applied and durable (the publisher's PUBACK
     /// waits).
@@ -49,4 +51,19 @@ pub enum ShardMsg {
     RetainReply { req: u64, messages: Vec<Message> },
     /// A client connection whose session lives on the receiving shard.
     Handover(SocketHandover),
+    /// Queue `name` is bound to `filter`: a publish matching it is appended to the queue (every
+    /// shard keeps these bindings; the queue's owner creates the queue if it is new). `req`:
+    /// acknowledge with `Ack` once applied.
+    QueueBind { name: QueueName, filter: TopicFilter, req: Option<u64> },
+    /// To the queue's owner: append `message`; `confirm` as for `Publish` (a full queue answers
+    /// `Failed { quota: true }`).
+    QueueAppend { name: QueueName, message: Message, confirm: Option<u64> },
+    /// To the queue's owner: session `session` of the sending shard consumes the queue in `group`.
+    QueueAttach { name: QueueName, consumer: ConsumerId, group: Arc<str>, session: u64, prefetch: u16 },
+    /// To the queue's owner: the consumer is gone; what it held is delivered again.
+    QueueDetach { name: QueueName, consumer: ConsumerId },
+    /// From the queue's owner to the consumer's shard: deliver to session `session`.
+    QueueDeliver { name: QueueName, consumer: ConsumerId, session: u64, offset: Offset, message: Message },
+    /// To the queue's owner: the consumer accepted (PUBACK) or refused (reason >= 0x80) a delivery.
+    QueueAck { name: QueueName, consumer: ConsumerId, offset: Offset, accepted: bool },
 }

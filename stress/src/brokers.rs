@@ -98,6 +98,8 @@ pub struct FluxdOptions {
     pub flush_interval_ms: Option<u32>,
     /// `[durability] segment_size_bytes` (fluxd's default: 64 MiB).
     pub segment_size_bytes: Option<u64>,
+    /// `[limits] max_queued_bytes` (fluxd's default: 64 MiB).
+    pub max_queued_bytes: Option<u64>,
     /// A data directory that survives the process (left in place by `stop`), for restarts on the
     /// same state. None: a fresh one inside the broker's temporary directory.
     pub data_dir: Option<PathBuf>,
@@ -134,6 +136,20 @@ fn expand_home(p: &Path) -> PathBuf {
             std::env::var_os("HOME").map_or_else(|| p.to_path_buf(), |h| Path::new(&h).join(rest))
         }
         None => p.to_path_buf(),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGILL => "SIGILL",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        _ => "?",
     }
 }
 
@@ -209,6 +225,9 @@ impl RunningBroker {
                     "[limits]\nmax_connections = {}\nmax_inflight_messages = {}\nmax_queued_messages = {}\n",
                     settings.broker_max_connections, settings.broker_inflight, settings.broker_queued
                 );
+                if let Some(b) = options.max_queued_bytes {
+                    text.push_str(&format!("max_queued_bytes = {b}\n"));
+                }
                 if options.flush_interval_ms.is_some() || options.segment_size_bytes.is_some() {
                     text.push_str("\n[durability]\n");
                 }
@@ -343,6 +362,25 @@ impl RunningBroker {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// How the process ended ("exit status 1", "signal 11 (SIGSEGV)"), or None while it runs.
+    pub fn exit_description(&mut self) -> Option<String> {
+        use std::os::unix::process::ExitStatusExt;
+        let status = self.child.try_wait().ok()??;
+        Some(match (status.code(), status.signal()) {
+            (Some(c), _) => format!("exit status {c}"),
+            (None, Some(sig)) => format!(
+                "signal {sig} ({}){}",
+                signal_name(sig),
+                if status.core_dumped() {
+                    ", core dumped"
+                } else {
+                    ""
+                }
+            ),
+            _ => format!("{status}"),
+        })
+    }
+
     /// SIGKILL now (no shutdown path runs), and reap the process. The temporary directory stays
     /// until `stop` or drop; a [`FluxdOptions::data_dir`] stays for good.
     pub fn kill9(&mut self) -> anyhow::Result<()> {
@@ -397,6 +435,9 @@ mod tests {
             Some("[::1]:1883".parse().unwrap())
         );
         assert_eq!(parse_fluxd_bound_addr("INFO fluxd: starting\n"), None);
-        assert_eq!(parse_fluxd_bound_addr("mqtt listener bound addr=127.0.0.1:"), None);
+        assert_eq!(
+            parse_fluxd_bound_addr("mqtt listener bound addr=127.0.0.1:"),
+            None
+        );
     }
 }

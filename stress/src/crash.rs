@@ -6,6 +6,10 @@
 //!   only reconnect: after every restart CONNACK must say *session present*, and the subscription
 //!   must still deliver (they do not subscribe again unless the session was lost, which is counted).
 //!   They record every (publisher, sequence) received, then PUBACK it.
+//! - K **offline subscribers** do the same, but after subscribing in the first incarnation they
+//!   disconnect and come back only at the end: everything acknowledged meanwhile has to survive
+//!   every kill in their queues (the online subscribers mostly receive a message before the kill
+//!   could lose it; these cannot).
 //! - P **publishers** send QoS 1 messages numbered 0, 1, 2, ... (the `load` stamp) to
 //!   `<base>/p/<i>`, closed loop with `--inflight` unacknowledged at most, and record every
 //!   sequence number whose PUBACK arrived. A publish unacknowledged when the broker dies is not
@@ -57,7 +61,10 @@ pub struct CrashSpec {
     /// Bound on the load-and-kill loop (the final drain is bounded separately).
     pub duration: Duration,
     pub publishers: usize,
+    /// Persistent subscribers connected throughout.
     pub subscribers: usize,
+    /// Persistent subscribers that subscribe, leave, and return only for the final drain.
+    pub offline_subscribers: usize,
     pub inflight: u16,
     pub payload_bytes: usize,
     pub mqtt_v5: bool,
@@ -88,8 +95,10 @@ impl CrashSpec {
         if self.publishers == 0 || self.publishers > 256 {
             bail!("--publishers must be 1..=256");
         }
-        if self.subscribers == 0 || self.subscribers > 64 {
-            bail!("--subscribers must be 1..=64");
+        if self.subscribers + self.offline_subscribers == 0
+            || self.subscribers + self.offline_subscribers > 64
+        {
+            bail!("--subscribers plus --offline-subscribers must be 1..=64");
         }
         if self.inflight == 0 {
             bail!("--inflight must be > 0");
@@ -126,6 +135,9 @@ pub struct CycleReport {
     pub retained: RetainedCheck,
     /// Persistent subscribers whose CONNACK said session present (expected: all, after the first).
     pub sessions_present: usize,
+    /// Persistent subscribers that connected to this incarnation (the offline ones only come to
+    /// the last two).
+    pub sessions_checked: usize,
     /// Load time before the kill (None: the last incarnation, stopped cleanly).
     pub ran_ms: Option<u64>,
     /// Acknowledged publishes (all publishers, retained one included), total at the end of it.
@@ -165,6 +177,7 @@ pub struct CrashReport {
     pub elapsed_secs: f64,
     pub publishers: usize,
     pub subscribers: usize,
+    pub offline_subscribers: usize,
     pub inflight: u16,
     pub sent: u64,
     pub acked: u64,
@@ -194,8 +207,12 @@ pub struct CrashReport {
 // (kill -9) or when told to stop, and hands its state back.
 
 fn is_timeout(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<io::Error>()
-        .is_some_and(|e| matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut))
+    e.downcast_ref::<io::Error>().is_some_and(|e| {
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        )
+    })
 }
 
 struct PubJob {
@@ -227,7 +244,9 @@ fn publisher_epoch(job: &PubJob, ledger: &mut PubLedger) -> Option<String> {
     };
     let inflight = job
         .inflight
-        .min(usize::from(connack.properties.receive_maximum.unwrap_or(u16::MAX)))
+        .min(usize::from(
+            connack.properties.receive_maximum.unwrap_or(u16::MAX),
+        ))
         .max(1);
     if reader.stream().set_read_timeout(Some(POLL)).is_err() {
         return Some("set_read_timeout".into());
@@ -267,7 +286,9 @@ fn publisher_epoch(job: &PubJob, ledger: &mut PubLedger) -> Option<String> {
                     packet_id = packet_id.next();
                 }
                 if writer.flush().is_err() {
-                    return None; // the broker is gone
+                    // The broker is gone; PUBACKs it sent before dying may still be buffered.
+                    drain_acks(&mut reader, &mut outstanding, ledger, job);
+                    return None;
                 }
             }
             Some(since) => {
@@ -278,18 +299,47 @@ fn publisher_epoch(job: &PubJob, ledger: &mut PubLedger) -> Option<String> {
             }
         }
         match reader.recv() {
-            Ok(Some(Packet::PubAck(r))) => match outstanding.remove(&r.packet_id.get()) {
-                Some(seq) if (r.reason as u8) < 0x80 => {
-                    ledger.ack(seq);
-                    job.acked.fetch_add(1, Ordering::Relaxed);
-                }
-                Some(_) => ledger.refused += 1,
-                None => ledger.unexpected_acks += 1,
-            },
-            Ok(Some(_)) => {}
+            Ok(Some(packet)) => on_ack(packet, &mut outstanding, ledger, job),
             Ok(None) => return None,
             Err(e) if is_timeout(&e) => {}
             Err(_) => return None,
+        }
+    }
+}
+
+/// Records a PUBACK: the publish it answers is acknowledged (or refused, by its reason code).
+fn on_ack(
+    packet: Packet,
+    outstanding: &mut HashMap<u16, u64>,
+    ledger: &mut PubLedger,
+    job: &PubJob,
+) {
+    if let Packet::PubAck(r) = packet {
+        match outstanding.remove(&r.packet_id.get()) {
+            Some(seq) if (r.reason as u8) < 0x80 => {
+                ledger.ack(seq);
+                job.acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) => ledger.refused += 1,
+            None => ledger.unexpected_acks += 1,
+        }
+    }
+}
+
+/// After a failed write: reads what the dead connection still holds (bounded).
+fn drain_acks(
+    reader: &mut client::Reader,
+    outstanding: &mut HashMap<u16, u64>,
+    ledger: &mut PubLedger,
+    job: &PubJob,
+) {
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        match reader.recv() {
+            Ok(Some(packet)) => on_ack(packet, outstanding, ledger, job),
+            Ok(None) => return,
+            Err(e) if is_timeout(&e) => {}
+            Err(_) => return,
         }
     }
 }
@@ -419,7 +469,13 @@ fn read_retained(
         KEEP_ALIVE_SECS,
         CONNECT_TIMEOUT,
     ))?;
-    client::subscribe(&mut reader, &mut writer, topic, QoS::AtLeastOnce, CONNECT_TIMEOUT)?;
+    client::subscribe(
+        &mut reader,
+        &mut writer,
+        topic,
+        QoS::AtLeastOnce,
+        CONNECT_TIMEOUT,
+    )?;
     reader.stream().set_read_timeout(Some(POLL))?;
     let deadline = Instant::now() + wait;
     let result = loop {
@@ -470,16 +526,26 @@ struct Epoch {
     pubs: Vec<JoinHandle<(PubLedger, Option<String>)>>,
 }
 
+/// One "connected (and subscribed)" flag per subscriber thread.
+type Readies = Vec<Arc<AtomicBool>>;
+
 fn spawn_subscribers(
     spec: &CrashSpec,
     st: &State,
     addr: SocketAddr,
     first: bool,
     stop: &Arc<AtomicBool>,
-) -> anyhow::Result<(Vec<JoinHandle<SubEpoch>>, Vec<Arc<AtomicBool>>)> {
+    which: std::ops::Range<usize>,
+) -> anyhow::Result<(Vec<JoinHandle<SubEpoch>>, Readies)> {
     let mut subs = Vec::new();
     let mut readies = Vec::new();
-    for (j, id) in st.sub_ids.iter().enumerate() {
+    for (j, id) in st
+        .sub_ids
+        .iter()
+        .enumerate()
+        .skip(which.start)
+        .take(which.len())
+    {
         let ready = Arc::new(AtomicBool::new(false));
         readies.push(ready.clone());
         let job = SubJob {
@@ -526,9 +592,23 @@ fn start_epoch(
     let mut errors = Vec::new();
     // Publishers start once every subscriber is in (first incarnation: subscribed), so nothing
     // is published before the subscriptions exist.
-    let (subs, readies) = spawn_subscribers(spec, st, addr, first, &sub_stop)?;
+    let online = 0..spec.subscribers;
+    let (subs, readies) = spawn_subscribers(spec, st, addr, first, &sub_stop, online)?;
     if !wait_ready(&subs, &readies) {
         errors.push("a subscriber did not get ready".into());
+    }
+    if first && spec.offline_subscribers > 0 {
+        // The offline sessions subscribe now and leave before anything is published.
+        let stop = Arc::new(AtomicBool::new(false));
+        let offline = spec.subscribers..spec.subscribers + spec.offline_subscribers;
+        let (parked, readies) = spawn_subscribers(spec, st, addr, true, &stop, offline)?;
+        if !wait_ready(&parked, &readies) {
+            errors.push("an offline subscriber did not get ready".into());
+        }
+        let present = join_subscribers(parked, &stop, &mut errors);
+        if present.iter().any(|p| p.is_none()) {
+            errors.push("an offline subscriber could not connect".into());
+        }
     }
     let mut pubs = Vec::new();
     let p = spec.publishers;
@@ -616,12 +696,15 @@ fn total_acked(st: &State) -> u64 {
 fn all_covered(st: &State, p: usize) -> bool {
     st.receipts
         .iter()
-        .all(|r| r.lock().map_or(false, |r| r.covers(&st.ledgers[..p])))
+        .all(|r| r.lock().is_ok_and(|r| r.covers(&st.ledgers[..p])))
 }
 
 fn warnings_of(log: &Path, incarnation: usize, into: &mut Vec<String>, count: &mut usize) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
-    for line in text.lines().filter(|l| l.contains(" WARN ") || l.contains(" ERROR ")) {
+    for line in text
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+    {
         // RLIMIT_MEMLOCK lowering is an environment note, not a finding.
         if line.contains("RLIMIT_MEMLOCK") {
             continue;
@@ -646,6 +729,8 @@ fn start_broker(
             durability: Some(spec.durability),
             flush_interval_ms: spec.flush_interval_ms,
             segment_size_bytes: spec.segment_size_bytes,
+            // The offline subscribers' queues hold the whole run.
+            max_queued_bytes: Some(4 << 30),
             data_dir: Some(data_dir.to_path_buf()),
             log_file: Some(log.to_path_buf()),
         },
@@ -705,7 +790,9 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
     let p = spec.publishers;
     let mut topics = Vec::new();
     for i in 0..p {
-        topics.push(TopicName::new(&format!("stress/{tag}/p/{i}")).map_err(|e| anyhow::anyhow!("{e:?}"))?);
+        topics.push(
+            TopicName::new(&format!("stress/{tag}/p/{i}")).map_err(|e| anyhow::anyhow!("{e:?}"))?,
+        );
     }
     let retained_topic = format!("stress/{tag}/retained");
     topics.push(TopicName::new(&retained_topic).map_err(|e| anyhow::anyhow!("{e:?}"))?);
@@ -713,13 +800,13 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
     // cross-shard paths (remote durability confirmations) are exercised.
     let mut st = State {
         ledgers: vec![PubLedger::default(); p + 1],
-        receipts: (0..spec.subscribers)
+        receipts: (0..spec.subscribers + spec.offline_subscribers)
             .map(|_| Arc::new(Mutex::new(Receipts::new(p))))
             .collect(),
         pub_ids: (0..p)
             .map(|i| placed_client_id(&format!("{tag}-pub{i}"), (i + 1) as u16 % shards, shards))
             .collect(),
-        sub_ids: (0..spec.subscribers)
+        sub_ids: (0..spec.subscribers + spec.offline_subscribers)
             .map(|j| placed_client_id(&format!("{tag}-sub{j}"), j as u16 % shards, shards))
             .collect(),
         retained_id: format!("{tag}-retained"),
@@ -730,7 +817,7 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
     };
     let mut settings = spec.settings.clone();
     // Subscribers keep up, but never let a queue limit pass for a durability loss.
-    settings.broker_queued = settings.broker_queued.max(1_000_000);
+    settings.broker_queued = settings.broker_queued.max(10_000_000);
     settings.broker_inflight = settings.broker_inflight.max(spec.inflight);
     let acked_counter = Arc::new(AtomicU64::new(0));
 
@@ -763,6 +850,7 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
             reconnect_ms: 0.0,
             retained: RetainedCheck::NoneYet,
             sessions_present: 0,
+            sessions_checked: 0,
             ran_ms: None,
             acked_total: 0,
             sent_total: 0,
@@ -785,29 +873,51 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
             };
         cycle.reconnect_ms = t0.elapsed().as_secs_f64() * 1e3;
         cycle.errors.extend(errs);
-        let run_ms = rng.range(spec.min_run.as_millis() as u64, spec.max_run.as_millis() as u64);
+        let run_ms = rng.range(
+            spec.min_run.as_millis() as u64,
+            spec.max_run.as_millis() as u64,
+        );
         cycle.ran_ms = Some(run_ms);
         thread::sleep(Duration::from_millis(run_ms));
         let mut errors = Vec::new();
         let died_early = !broker.alive();
         if died_early {
             failures.push(format!(
-                "fluxd {incarnation} exited on its own:\n{}",
+                "fluxd {incarnation} (pid {}) ended on its own: {}; last log lines:\n{}",
+                broker.pid(),
+                broker.exit_description().unwrap_or_default(),
                 broker.log_tail()
             ));
         }
         if last && !died_early {
             // Final incarnation: stop publishing, let the publishers collect their outstanding
-            // acknowledgements, let the subscribers drain, read the retained message live.
+            // acknowledgements, bring the offline subscribers back, let everyone drain.
             join_publishers(&mut st, &mut epoch, &mut errors);
             let until = Instant::now() + spec.drain;
+            if spec.offline_subscribers > 0 {
+                let offline = spec.subscribers..spec.subscribers + spec.offline_subscribers;
+                match spawn_subscribers(spec, &st, broker.addr, false, &epoch.sub_stop, offline) {
+                    Ok((subs, _)) => epoch.subs.extend(subs),
+                    Err(e) => errors.push(format!("offline subscribers: {e:#}")),
+                }
+            }
             while !all_covered(&st, p) && Instant::now() < until {
                 thread::sleep(Duration::from_millis(20));
             }
             // Let the acknowledgements of the last deliveries reach the broker.
             thread::sleep(Duration::from_millis(100));
-            let present = join_subscribers(std::mem::take(&mut epoch.subs), &epoch.sub_stop, &mut errors);
-            count_sessions(incarnation, &present, &mut cycle, &mut sessions_lost, &mut failures);
+            let present = join_subscribers(
+                std::mem::take(&mut epoch.subs),
+                &epoch.sub_stop,
+                &mut errors,
+            );
+            count_sessions(
+                incarnation,
+                &present,
+                &mut cycle,
+                &mut sessions_lost,
+                &mut failures,
+            );
             if !all_covered(&st, p) {
                 errors.push(format!(
                     "drain: not every acknowledged message arrived within {:?}",
@@ -822,8 +932,18 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
             }
             kills += 1;
             join_publishers(&mut st, &mut epoch, &mut errors);
-            let present = join_subscribers(std::mem::take(&mut epoch.subs), &epoch.sub_stop, &mut errors);
-            count_sessions(incarnation, &present, &mut cycle, &mut sessions_lost, &mut failures);
+            let present = join_subscribers(
+                std::mem::take(&mut epoch.subs),
+                &epoch.sub_stop,
+                &mut errors,
+            );
+            count_sessions(
+                incarnation,
+                &present,
+                &mut cycle,
+                &mut sessions_lost,
+                &mut failures,
+            );
         }
         cycle.errors.extend(errors);
         cycle.acked_total = total_acked(&st);
@@ -834,7 +954,7 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
                 cycle.start_ms,
                 cycle.reconnect_ms,
                 cycle.sessions_present,
-                spec.subscribers,
+                cycle.sessions_checked,
                 cycle.retained,
                 if clean_stop { "stopped (SIGTERM)" } else { "killed (SIGKILL)" },
                 cycle.sent_total,
@@ -864,7 +984,8 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
                 }
                 let stop = Arc::new(AtomicBool::new(false));
                 let mut errors = Vec::new();
-                match spawn_subscribers(spec, &st, broker.addr, false, &stop) {
+                let all = 0..st.sub_ids.len();
+                match spawn_subscribers(spec, &st, broker.addr, false, &stop, all) {
                     Ok((subs, readies)) => {
                         let _ = wait_ready(&subs, &readies);
                         thread::sleep(Duration::from_millis(300));
@@ -877,17 +998,24 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
                             reconnect_ms: 0.0,
                             retained: retained_final.clone(),
                             sessions_present: 0,
+                            sessions_checked: 0,
                             ran_ms: None,
                             acked_total: total_acked(&st),
                             sent_total: total_sent(&st),
                             errors: Vec::new(),
                         };
-                        count_sessions(incarnation, &present, &mut cycle, &mut sessions_lost, &mut failures);
+                        count_sessions(
+                            incarnation,
+                            &present,
+                            &mut cycle,
+                            &mut sessions_lost,
+                            &mut failures,
+                        );
                         cycle.errors = errors;
                         if spec.progress {
                             eprintln!(
                                 "fluxd {incarnation} (after the clean stop): sessions present {}/{}, retained {:?}",
-                                cycle.sessions_present, spec.subscribers, cycle.retained
+                                cycle.sessions_present, cycle.sessions_checked, cycle.retained
                             );
                         }
                         cycles.push(cycle);
@@ -897,7 +1025,9 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
                 broker.stop();
                 warnings_of(&log, incarnation, &mut warnings, &mut warning_count);
             }
-            Err(e) => failures.push(format!("fluxd {incarnation} did not start after the clean stop: {e:#}")),
+            Err(e) => failures.push(format!(
+                "fluxd {incarnation} did not start after the clean stop: {e:#}"
+            )),
         }
     }
 
@@ -905,7 +1035,9 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
     let mut per_subscriber = Vec::new();
     let (mut lost, mut duplicates, mut unacked_received, mut phantom) = (0, 0, 0, 0);
     for (j, r) in st.receipts.iter().enumerate() {
-        let r = r.lock().map_err(|_| anyhow::anyhow!("receipts lock poisoned"))?;
+        let r = r
+            .lock()
+            .map_err(|_| anyhow::anyhow!("receipts lock poisoned"))?;
         let v = verdict(&st.ledgers[..p], &r);
         lost += v.lost;
         duplicates += v.duplicates;
@@ -918,7 +1050,10 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
             ));
         }
         if v.phantom > 0 {
-            failures.push(format!("{}: {} messages that were never sent", st.sub_ids[j], v.phantom));
+            failures.push(format!(
+                "{}: {} messages that were never sent",
+                st.sub_ids[j], v.phantom
+            ));
         }
         per_subscriber.push(SubscriberReport {
             client_id: st.sub_ids[j].clone(),
@@ -947,6 +1082,7 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
         elapsed_secs: started.elapsed().as_secs_f64(),
         publishers: p,
         subscribers: spec.subscribers,
+        offline_subscribers: spec.offline_subscribers,
         inflight: spec.inflight,
         sent: st.ledgers[..p].iter().map(|l| l.next_seq).sum(),
         acked,
@@ -963,7 +1099,11 @@ pub fn run(spec: &CrashSpec) -> anyhow::Result<CrashReport> {
         per_subscriber,
         per_publisher: (0..=p)
             .map(|i| PublisherReport {
-                client_id: if i < p { st.pub_ids[i].clone() } else { st.retained_id.clone() },
+                client_id: if i < p {
+                    st.pub_ids[i].clone()
+                } else {
+                    st.retained_id.clone()
+                },
                 sent: st.ledgers[i].next_seq,
                 acked: st.ledgers[i].acked.len(),
                 refused: st.ledgers[i].refused,
@@ -986,6 +1126,7 @@ fn count_sessions(
     failures: &mut Vec<String>,
 ) {
     cycle.sessions_present = present.iter().filter(|p| **p == Some(true)).count();
+    cycle.sessions_checked = present.len();
     if incarnation > 0 {
         let lost = present.iter().filter(|p| **p == Some(false)).count();
         if lost > 0 {

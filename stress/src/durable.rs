@@ -64,7 +64,7 @@ pub struct DurableSpec {
 
 impl DurableSpec {
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.publisher_counts.is_empty() || self.publisher_counts.iter().any(|&n| n == 0) {
+        if self.publisher_counts.is_empty() || self.publisher_counts.contains(&0) {
             bail!("--publishers needs one or more counts > 0");
         }
         if self.publisher_counts.iter().any(|&n| n > 1000) {
@@ -210,7 +210,8 @@ pub fn filesystem_of(path: &Path) -> String {
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (dev, mnt, fs) = (f.next()?, f.next()?, f.next()?);
-            path.starts_with(mnt).then(|| (mnt.len(), format!("{fs} ({dev} on {mnt})")))
+            path.starts_with(mnt)
+                .then(|| (mnt.len(), format!("{fs} ({dev} on {mnt})")))
         })
         .max_by_key(|(len, _)| *len)
         .map_or_else(|| "unknown".into(), |(_, s)| s)
@@ -247,13 +248,7 @@ pub fn sync_probe(dir: &Path, syncs: usize) -> anyhow::Result<SyncProbe> {
     result.with_context(|| format!("sync probe in {}", dir.display()))
 }
 
-fn run_case(
-    spec: &DurableSpec,
-    k: usize,
-    round: usize,
-    n: usize,
-    mode: Durability,
-) -> CaseResult {
+fn run_case(spec: &DurableSpec, k: usize, round: usize, n: usize, mode: Durability) -> CaseResult {
     let mut settings = spec.settings.clone();
     settings.broker_queued = settings.broker_queued.max(spec.queue_room(n));
     settings.broker_inflight = settings.broker_inflight.max(spec.inflight);
@@ -273,9 +268,10 @@ fn run_case(
         durability: Some(mode),
         flush_interval_ms: spec.flush_interval_ms,
         segment_size_bytes: spec.segment_size_bytes,
-        log_file: spec.keep_logs.as_ref().map(|d| {
-            d.join(format!("case-{}-{}-{n}p-r{round}.log", k + 1, mode.name()))
-        }),
+        log_file: spec
+            .keep_logs
+            .as_ref()
+            .map(|d| d.join(format!("case-{}-{}-{n}p-r{round}.log", k + 1, mode.name()))),
         ..FluxdOptions::default()
     };
     let mut broker = match RunningBroker::start_fluxd(&spec.paths, &settings, &options) {
@@ -318,17 +314,20 @@ fn run_case(
         Ok(r) => out.result = Some(r),
         Err(e) => out.error = Some(format!("{e:#}")),
     }
-    if !broker.alive() {
+    if let Some(how) = broker.exit_description() {
         out.broker_died = true;
         let tail = broker.log_tail();
-        out.error
-            .get_or_insert_with(|| format!("fluxd exited during the case:\n{tail}"));
+        out.error.get_or_insert_with(|| {
+            format!(
+                "fluxd (pid {}) ended during the case: {how}; last log lines:\n{tail}",
+                broker.pid()
+            )
+        });
     }
     let log = std::fs::read_to_string(broker.log_path()).unwrap_or_default();
-    for line in log
-        .lines()
-        .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("RLIMIT_MEMLOCK"))
-    {
+    for line in log.lines().filter(|l| {
+        (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("RLIMIT_MEMLOCK")
+    }) {
         out.broker_warning_count += 1;
         if out.broker_warnings.len() < 10 {
             out.broker_warnings.push(line.to_string());
@@ -361,9 +360,7 @@ fn summarize_mode(cases: &[&CaseResult]) -> Option<ModeSummary> {
         puback_p50_us: median(&f(&|r| r.ack_latency.p50_us)),
         puback_p90_us: median(&f(&|r| r.ack_latency.p90_us)),
         puback_p99_us: median(&f(&|r| r.ack_latency.p99_us)),
-        puback_max_us: f(&|r| r.ack_latency.max_us)
-            .into_iter()
-            .fold(0.0, f64::max),
+        puback_max_us: f(&|r| r.ack_latency.max_us).into_iter().fold(0.0, f64::max),
         delivery_p50_us: median(&f(&|r| r.latency.p50_us)),
         delivery_p99_us: median(&f(&|r| r.latency.p99_us)),
         broker_cpu_us_per_msg: median(&f(&|r| r.broker_cpu_us_per_msg.unwrap_or(f64::NAN))),
@@ -569,7 +566,11 @@ pub fn run(spec: &DurableSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
         ok,
     };
     crate::write_json(json, &report)?;
-    eprintln!("durable: {} cases in {:.0} s", cases.len(), started.elapsed().as_secs_f64());
+    eprintln!(
+        "durable: {} cases in {:.0} s",
+        cases.len(),
+        started.elapsed().as_secs_f64()
+    );
     if !ok {
         let bad: Vec<String> = cases
             .iter()
@@ -580,17 +581,21 @@ pub fn run(spec: &DurableSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
                     c.publishers,
                     c.durability.name(),
                     c.round,
-                    c.error.clone().unwrap_or_else(|| c
-                        .result
-                        .as_ref()
-                        .map_or("no result".into(), |r| format!(
+                    c.error.clone().unwrap_or_else(|| c.result.as_ref().map_or(
+                        "no result".into(),
+                        |r| format!(
                             "lost {} of {}, {} measured acks",
                             r.lost, r.expected_deliveries, r.measured_acks
-                        )))
+                        )
+                    ))
                 )
             })
             .collect();
-        bail!("{} case(s) failed or lost messages:\n{}", bad.len(), bad.join("\n"));
+        bail!(
+            "{} case(s) failed or lost messages:\n{}",
+            bad.len(),
+            bad.join("\n")
+        );
     }
     Ok(())
 }
@@ -649,7 +654,10 @@ mod tests {
         assert_eq!(sched[0].2, Durability::Fsync);
         assert_eq!(sched[2].2, Durability::Interval);
         assert_eq!(sched[6].2, Durability::Interval);
-        let fsync_first = sched.chunks(2).filter(|p| p[0].2 == Durability::Fsync).count();
+        let fsync_first = sched
+            .chunks(2)
+            .filter(|p| p[0].2 == Durability::Fsync)
+            .count();
         assert_eq!(fsync_first, 3);
     }
 
@@ -720,6 +728,9 @@ mod tests {
         assert_eq!(rows[0].p50_ratio, 15.0);
         assert_eq!(rows[0].p99_ratio, 8.0);
         let t = render_table(&rows);
-        assert!(t.contains("| 16 | fsync / interval | 0.25x | 15.00x |"), "{t}");
+        assert!(
+            t.contains("| 16 | fsync / interval | 0.25x | 15.00x |"),
+            "{t}"
+        );
     }
 }

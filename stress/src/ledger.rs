@@ -179,10 +179,7 @@ pub enum RetainedCheck {
     /// value >= last acknowledged (and was sent).
     Ok { value: u64, max_acked: Option<u64> },
     /// An older value than one acknowledged, or none at all although one was: a loss.
-    Regressed {
-        value: Option<u64>,
-        max_acked: u64,
-    },
+    Regressed { value: Option<u64>, max_acked: u64 },
     /// A value that was never sent (or an unreadable one).
     Phantom { value: Option<u64> },
 }

@@ -540,8 +540,12 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         let outstanding = Arc::new(AtomicU32::new(0));
         let clock = (spec.qos != QoS::AtMostOnce).then(|| Arc::new(AckClock::new()));
         if let Some(clock) = &clock {
-            let (shared, writer, outstanding, clock) =
-                (shared.clone(), writer.clone(), outstanding.clone(), clock.clone());
+            let (shared, writer, outstanding, clock) = (
+                shared.clone(),
+                writer.clone(),
+                outstanding.clone(),
+                clock.clone(),
+            );
             let rt = spec.client_rt;
             ack_threads.push(
                 thread::Builder::new()

@@ -62,10 +62,15 @@ struct DurableArgs {
     #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
     publishers: Vec<usize>,
     /// fluxd durability modes compared.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "fsync,interval")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "fsync,interval"
+    )]
     modes: Vec<Durability>,
     /// Rounds (each runs every case; the first mode alternates).
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 3)]
     rounds: usize,
     /// Persistent subscribers (each receives every publish).
     #[arg(long, default_value_t = 1)]
@@ -138,9 +143,13 @@ struct CrashArgs {
     /// QoS 1 publishers (plus one retained publisher).
     #[arg(long, default_value_t = 4)]
     publishers: usize,
-    /// Persistent subscribers, each subscribed to every publisher.
+    /// Persistent subscribers, each subscribed to every publisher, connected throughout.
     #[arg(long, default_value_t = 2)]
     subscribers: usize,
+    /// Persistent subscribers that subscribe, disconnect, and return only at the end: their
+    /// queues must carry every acknowledged message through every kill.
+    #[arg(long, default_value_t = 1)]
+    offline_subscribers: usize,
     /// Unacknowledged publishes per publisher.
     #[arg(long, default_value_t = 32)]
     inflight: u16,
@@ -393,7 +402,10 @@ fn resolve_target(
     }
 }
 
-pub(crate) fn write_json(path: Option<&PathBuf>, value: &impl serde::Serialize) -> anyhow::Result<()> {
+pub(crate) fn write_json(
+    path: Option<&PathBuf>,
+    value: &impl serde::Serialize,
+) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value)?;
     match path {
         Some(p) => {
@@ -546,6 +558,7 @@ fn main() -> anyhow::Result<()> {
                 duration: secs(a.duration_secs, "--duration-secs")?,
                 publishers: a.publishers,
                 subscribers: a.subscribers,
+                offline_subscribers: a.offline_subscribers,
                 inflight: a.inflight,
                 payload_bytes: a.payload_bytes,
                 mqtt_v5: a.mqtt_v5,

@@ -39,7 +39,7 @@ pub mod storage;
 mod wal;
 
 pub use record::{ArchivedOutboundState, ArchivedRecord, ArchivedStoredMessage};
-pub use record::{OutboundState, Record, StoredMessage};
+pub use record::{OutboundState, Record, StoredMessage, StoredQueueConfig};
 pub use recovery::{repair_truncate, RecoveryReport, TruncatedTail};
 pub use storage::{DmaStorage, DmaStorageOptions, MemStorage, Storage};
 pub use wal::{DiskUsage, ReclaimReport, Wal};

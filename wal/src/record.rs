@@ -47,6 +47,26 @@ pub enum OutboundState {
     Completed,
 }
 
+/// A durable queue's settings as stored (see `flux_core::queue::QueueConfig`).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[rkyv(derive(Debug))]
+pub struct StoredQueueConfig {
+    pub max_messages: u64,
+    pub max_bytes: u64,
+    pub message_ttl_ms: Option<u64>,
+    /// Overflow policy: false = reject-publish, true = drop-head.
+    pub drop_head: bool,
+    pub dead_letter: Option<String>,
+    pub max_deliveries: u32,
+    /// 0 round-robin, 1 random, 2 least-inflight, 3 key-affine by `key_property`, 4 key-affine by
+    /// `key_level`.
+    pub dispatch: u8,
+    pub key_property: Option<String>,
+    pub key_level: Option<u32>,
+    pub ack_timeout_ms: Option<u64>,
+    pub default_prefetch: u16,
+}
+
 /// One durable effect. See the module documentation.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[rkyv(derive(Debug))]
@@ -173,6 +193,31 @@ pub enum Record {
         /// The MQTT client identifier.
         client_id: String,
     },
+    /// A durable queue exists with these settings and bindings (created if unknown, else
+    /// updated). Written by the queue's owner shard.
+    QueueDeclare {
+        name: String,
+        config: StoredQueueConfig,
+        filters: Vec<String>,
+    },
+    /// The queue and everything in it are gone.
+    QueueDelete { name: String },
+    /// A message was appended at `offset`.
+    QueueAppend {
+        name: String,
+        offset: u64,
+        message: StoredMessage,
+        key: Option<String>,
+        at_ms: u64,
+    },
+    /// Consumer group `group` is done with `offset` (acknowledged or dead-lettered).
+    QueueDone { name: String, group: String, offset: u64 },
+    /// Every message below `below` left the queue early (expired, dropped by overflow).
+    QueueTrim { name: String, below: u64 },
+    /// A consumer group was created.
+    QueueGroup { name: String, group: String },
+    /// `group` is done with every offset below `below` (checkpoints).
+    QueueCommitted { name: String, group: String, below: u64 },
     /// An opaque snapshot of the owner's state. An owner that writes one, and has it committed,
     /// may replay from it and [`reclaim`](crate::Wal::reclaim_before) everything before it.
     Checkpoint {

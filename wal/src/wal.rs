@@ -111,11 +111,21 @@ impl<S: Storage> Wal<S> {
     /// Buffers `record` and returns its LSN. Not durable until a [`commit`](Wal::commit) that
     /// started after this call returns `Ok`.
     pub fn append(&self, record: &Record) -> Result<Lsn, WalError> {
+        self.append_inner(record, true)
+    }
+
+    /// As [`append`](Wal::append), but beyond `max_pending_bytes`: for an owner rewriting state
+    /// it already holds in memory (a checkpoint), whose size that state bounds.
+    pub fn append_unbounded(&self, record: &Record) -> Result<Lsn, WalError> {
+        self.append_inner(record, false)
+    }
+
+    fn append_inner(&self, record: &Record, bounded: bool) -> Result<Lsn, WalError> {
         let mut st = self.state.borrow_mut();
         if let Some(why) = &st.poisoned {
             return Err(WalError::Poisoned(why.clone()));
         }
-        if st.pending.len() >= self.config.max_pending_bytes {
+        if bounded && st.pending.len() >= self.config.max_pending_bytes {
             return Err(WalError::Backpressure {
                 pending_bytes: st.pending.len(),
                 limit_bytes: self.config.max_pending_bytes,

@@ -7,7 +7,8 @@ use std::time::Duration;
 pub const MAX_QUEUE_NAME_BYTES: usize = 255;
 
 /// A validated queue name: 1..=255 bytes of UTF-8 without `/`, `+`, `#` or NUL, so that
-/// `$queue/<name>` is one topic level and the name can appear in file and metric names.
+/// `$queue/<name>` is one topic level. The queue of an MQTT `$q/<filter>` subscription is named
+/// `$q/<filter>` ([`QueueName::for_filter`]), the one exception.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct QueueName(Arc<str>);
 
@@ -28,6 +29,25 @@ impl QueueName {
             return Err(QueueNameError::Character);
         }
         Ok(QueueName(Arc::from(s)))
+    }
+
+    /// The queue an EMQX-style `$q/<filter>` subscription consumes (bound to `filter`).
+    pub fn for_filter(filter: &crate::topic::TopicFilter) -> Result<QueueName, QueueNameError> {
+        let name = format!("$q/{}", filter.as_str());
+        if name.len() > MAX_QUEUE_NAME_BYTES {
+            return Err(QueueNameError::Length);
+        }
+        Ok(QueueName(Arc::from(name)))
+    }
+
+    /// A name as found in the log or config: either form.
+    pub fn parse_any(s: &str) -> Result<QueueName, QueueNameError> {
+        match s.strip_prefix("$q/") {
+            Some(f) => crate::topic::TopicFilter::new(f)
+                .map_err(|_| QueueNameError::Character)
+                .and_then(|f| QueueName::for_filter(&f)),
+            None => QueueName::new(s),
+        }
     }
 
     pub fn as_str(&self) -> &str {

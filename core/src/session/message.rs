@@ -73,4 +73,15 @@ pub struct Delivery {
     /// Set when the message reached this session through a shared subscription (group, filter):
     /// if the session goes away unacknowledged, another member of the group gets it.
     pub shared: Option<(Arc<str>, TopicFilter)>,
+    /// Set when the message comes from a durable queue: the session's PUBACK acknowledges it
+    /// there ([`crate::session::Event::QueueAck`]); the queue, not the session, keeps it durable.
+    pub queue: Option<QueueTag>,
+}
+
+/// Which queue delivery a message is, for the acknowledgement.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueTag {
+    pub queue: crate::queue::QueueName,
+    pub consumer: crate::queue::ConsumerId,
+    pub offset: crate::queue::Offset,
 }

@@ -34,6 +34,8 @@ pub struct Subscribed {
     pub subscription: Subscription,
     /// The session already had a subscription with this exact filter (options replaced).
     pub existed: bool,
+    /// The `group` user property of the SUBSCRIBE (queue consumer group), if any.
+    pub group: Option<String>,
 }
 
 /// What the runtime must do beyond sending `Outbox::packets`.
@@ -48,6 +50,9 @@ pub enum Event {
     Subscribe { added: Vec<Subscribed>, suback: SubAck },
     /// Remove these from the subscriber table (UNSUBACK already in `packets`).
     Unsubscribe { removed: Vec<SubscriptionFilter> },
+    /// The client answered a queue delivery: `accepted` (PUBACK/PUBREC below 0x80) or refused
+    /// (a reason code of 0x80 or more: deliver it to another consumer).
+    QueueAck { tag: crate::session::message::QueueTag, accepted: bool },
 }
 
 /// Packets to send and events to act on, filled by the session's methods.
@@ -397,6 +402,16 @@ impl Session {
     pub fn detach(&mut self, now: Instant, publish_will: bool) -> (Option<Message>, bool) {
         self.online = false;
         self.topic_aliases.clear();
+        // Queue deliveries go back to their queue (it redelivers what a departed consumer held).
+        self.inflight_out.retain(|f| f.delivery.queue.is_none() || f.state == OutState::AwaitComp);
+        let queued_bytes = &mut self.queued_bytes;
+        self.queue.retain(|q| {
+            let keep = q.delivery.queue.is_none();
+            if !keep {
+                *queued_bytes -= q.delivery.message.payload.len();
+            }
+            keep
+        });
         let ends_now = self.session_expiry_secs == 0;
         if self.session_expiry_secs != u32::MAX {
             self.expires_at = Some(now + Duration::from_secs(u64::from(self.session_expiry_secs)));
@@ -457,7 +472,9 @@ impl Session {
         match packet {
             Packet::Publish(p) => self.on_publish(p, now, out),
             Packet::PubAck(r) => {
-                self.on_ack(r.packet_id, OutState::AwaitAck);
+                if let Some(tag) = self.on_ack(r.packet_id, OutState::AwaitAck) {
+                    out.events.push(Event::QueueAck { tag, accepted: !r.reason.is_error() });
+                }
                 self.pump(now, out);
                 Ok(())
             }
@@ -467,7 +484,7 @@ impl Session {
                 Ok(())
             }
             Packet::PubComp(r) => {
-                self.on_ack(r.packet_id, OutState::AwaitComp);
+                let _ = self.on_ack(r.packet_id, OutState::AwaitComp);
                 self.pump(now, out);
                 Ok(())
             }
@@ -633,7 +650,7 @@ impl Session {
     fn accept(&mut self, delivery: &Delivery) -> u64 {
         let msg_id = self.next_msg_id;
         self.next_msg_id += 1;
-        if self.is_persistent() {
+        if self.is_persistent() && delivery.queue.is_none() {
             self.journal.push(Journal::Enqueued { msg_id, delivery: delivery.clone() });
         }
         msg_id
@@ -685,14 +702,16 @@ impl Session {
         }
     }
 
-    fn on_ack(&mut self, packet_id: PacketId, expected: OutState) {
-        if let Some(pos) =
-            self.inflight_out.iter().position(|f| f.packet_id == packet_id && f.state == expected)
-        {
-            if let Some(f) = self.inflight_out.remove(pos) {
-                self.journal_push(Journal::Completed { msg_id: f.msg_id });
-            }
+    /// The delivery with `packet_id` in state `expected` is finished; returns its queue tag when
+    /// it came from a queue.
+    fn on_ack(&mut self, packet_id: PacketId, expected: OutState) -> Option<crate::session::message::QueueTag> {
+        let pos = self.inflight_out.iter().position(|f| f.packet_id == packet_id && f.state == expected)?;
+        let f = self.inflight_out.remove(pos)?;
+        if f.delivery.queue.is_some() {
+            return f.delivery.queue;
         }
+        self.journal_push(Journal::Completed { msg_id: f.msg_id });
+        None
     }
 
     fn on_pubrec(&mut self, r: PubResp, out: &mut Outbox) {
@@ -704,19 +723,25 @@ impl Session {
             Some(pos) if r.reason.is_error() => {
                 // The receiver refused the message: the exchange ends here (MQTT 5 4.3.3).
                 if let Some(f) = self.inflight_out.remove(pos) {
-                    self.journal_push(Journal::Completed { msg_id: f.msg_id });
+                    match f.delivery.queue {
+                        Some(tag) => out.events.push(Event::QueueAck { tag, accepted: false }),
+                        None => self.journal_push(Journal::Completed { msg_id: f.msg_id }),
+                    }
                 }
             }
             Some(pos) => {
                 let mut advanced = None;
                 if let Some(f) = self.inflight_out.get_mut(pos) {
                     if f.state != OutState::AwaitComp {
-                        advanced = Some(f.msg_id);
+                        advanced = Some((f.msg_id, f.delivery.queue.clone()));
                     }
                     f.state = OutState::AwaitComp;
                 }
-                if let Some(msg_id) = advanced {
-                    self.journal_push(Journal::PubrecReceived { msg_id });
+                match advanced {
+                    // The receiver has the message: that is the queue's acknowledgement.
+                    Some((_, Some(tag))) => out.events.push(Event::QueueAck { tag, accepted: true }),
+                    Some((msg_id, None)) => self.journal_push(Journal::PubrecReceived { msg_id }),
+                    None => {}
                 }
                 out.packets.push(Packet::PubRel(PubResp::success(r.packet_id)));
             }
@@ -810,6 +835,7 @@ impl Session {
     fn on_subscribe(&mut self, s: Subscribe, out: &mut Outbox) -> Result<(), Close> {
         let v5 = self.protocol.is_v5();
         let id = s.properties.subscription_identifiers.first().copied();
+        let group = s.properties.user_properties.iter().find(|(k, _)| k == "group").map(|(_, v)| v.clone());
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut added = Vec::new();
         for (text, options) in s.filters {
@@ -833,7 +859,7 @@ impl Session {
             self.journal_push(Journal::Subscribe { filter: text.clone(), options, id });
             self.subscriptions.insert(text, subscription.clone());
             reasons.push(ReasonCode::granted(options.qos));
-            added.push(Subscribed { subscription, existed });
+            added.push(Subscribed { subscription, existed, group: group.clone() });
         }
         let suback = SubAck { packet_id: s.packet_id, properties: Properties::default(), reasons };
         out.events.push(Event::Subscribe { added, suback });

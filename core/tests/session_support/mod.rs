@@ -103,7 +103,7 @@ pub fn message_expiring(topic_name: &str, payload: &[u8], qos: QoS, expires_at: 
 }
 
 pub fn delivery(m: Message, qos: QoS) -> Delivery {
-    Delivery { message: m, qos, retain: false, subscription_ids: Vec::new(), shared: None }
+    Delivery { message: m, qos, retain: false, subscription_ids: Vec::new(), shared: None, queue: None }
 }
 
 /// A delivery of a fresh message whose payload is `payload`.

@@ -36,7 +36,7 @@ impl Broker {
             retained += 1;
         }
         let now_ms = clock.to_ms(now);
-        let mut waits = Vec::new();
+        let mut waits = self.restore_queues(replayed.queues);
         let sessions = replayed.sessions.len();
         for (client_id, logged) in replayed.sessions {
             let mut image = logged.image;
@@ -64,7 +64,12 @@ impl Broker {
             }
             let deadlines: Vec<Instant> =
                 session.expires_at().into_iter().chain(session.pending_will().map(|w| w.publish_at)).collect();
-            let filters: Vec<_> = session.subscriptions().map(|s| s.filter.clone()).collect();
+            // Queue subscriptions attach when the client comes back (`open_session`).
+            let filters: Vec<_> = session
+                .subscriptions()
+                .map(|s| s.filter.clone())
+                .filter(|f| super::queues::queue_filter(f).is_none())
+                .collect();
             let mut entry = SessionEntry { session, conn: None, conn_id: 0, logged: true };
             self.write_journal(&mut entry);
             let key = {
@@ -112,11 +117,17 @@ impl Broker {
             // Skip what was cleared or replaced since the list was taken: its record is later.
             let current = self.state.borrow().retained.get(&m.topic).is_some_and(|cur| std::sync::Arc::ptr_eq(cur, &m));
             if current {
-                log.append(&Record::RetainedSet { message: durable::stored_message(&m, &self.clock) });
+                ok &= log.append_checkpoint(&Record::RetainedSet { message: durable::stored_message(&m, &self.clock) });
                 live_bytes += m.payload.len() as u64 + 64;
             }
             ok &= self.checkpoint_chunk(&log).await;
         }
+        let (queue_records, queue_bytes) = self.queue_checkpoint_records();
+        live_bytes += queue_bytes;
+        for r in &queue_records {
+            ok &= log.append_checkpoint(r);
+        }
+        ok &= self.checkpoint_chunk(&log).await;
         let keys: Vec<_> = self.state.borrow().entries.keys().copied().collect();
         for key in keys {
             let Some(entry) = self.entry(key) else { continue };
@@ -126,13 +137,13 @@ impl Broker {
                     continue;
                 }
                 let client_id = e.session.client_id().to_string();
-                log.append(&Record::SessionCheckpoint {
+                ok &= log.append_checkpoint(&Record::SessionCheckpoint {
                     client_id: client_id.clone(),
                     protocol_level: super::protocol_level(&e.session),
                     session_expiry_secs: e.session.session_expiry_secs(),
                 });
                 for j in e.session.snapshot_journal() {
-                    log.append(&durable::journal_record(&client_id, &j, &self.clock));
+                    ok &= log.append_checkpoint(&durable::journal_record(&client_id, &j, &self.clock));
                     if let flux_core::session::Journal::Enqueued { delivery, .. } = &j {
                         live_bytes += delivery.message.payload.len() as u64;
                     }
@@ -145,9 +156,9 @@ impl Broker {
                         Some(ms) => ms.saturating_sub(u64::from(expiry) * 1000),
                         None => self.clock.to_ms(Instant::now()),
                     };
-                    log.append(&Record::SessionDisconnected { client_id: client_id.clone(), at_ms, session_expiry_secs: expiry });
+                    ok &= log.append_checkpoint(&Record::SessionDisconnected { client_id: client_id.clone(), at_ms, session_expiry_secs: expiry });
                     if let Some(w) = e.session.pending_will() {
-                        log.append(&Record::WillDelayed {
+                        ok &= log.append_checkpoint(&Record::WillDelayed {
                             client_id,
                             publish_at_ms: self.clock.to_ms(w.publish_at),
                             will: durable::stored_message(&w.message, &self.clock),

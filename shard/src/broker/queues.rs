@@ -1,0 +1,697 @@
+//! Durable queues in the broker: bindings (replicated on every shard), the queues a shard owns
+//! (`shard_for(queue name)`), MQTT consumers (`$queue/<name>`, `$queue/<name>/<filter>`,
+//! `$q/<filter>`) and publishers (`$queue/<name>` topics and publishes matching a binding).
+//!
+//! Where things live:
+//! - every shard: the binding table (filter -> queue names), so a publish is sent straight to the
+//!   owners of the queues it matches;
+//! - the owner shard: the `Queue` engine, its consumers (by shard and session) and its log records;
+//! - the consumer's home shard: which of its sessions consume which queue (to detach them when
+//!   they go, and to check a delivery still has its consumer).
+//!
+//! A message for a queue that arrives at a shard that does not own it is a programmer error: it
+//! is logged and answered as failed, never applied.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flux_core::mqtt::QoS;
+use flux_core::queue::{
+    ConsumerId, Dispatch, KeySource, Offset, Overflow, Queue, QueueConfig, QueueJournal, QueueName, DEFAULT_GROUP,
+};
+use flux_core::session::message::QueueTag;
+use flux_core::session::{Delivery, DeliverOutcome, Message, Outbox, Subscribed};
+use flux_core::topic::{SubscriptionFilter, TopicFilter};
+use flux_core::ShardId;
+use flux_wal::{Record, StoredQueueConfig};
+
+use super::{Broker, SessKey};
+use crate::durable::{self, WallClock};
+use crate::msg::ShardMsg;
+use crate::signal::{Gather, GatherState};
+
+/// A queue declared in the config file (`[[queue]]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueueSpec {
+    pub name: QueueName,
+    pub config: QueueConfig,
+    pub filters: Vec<TopicFilter>,
+}
+
+/// A queue this shard owns.
+pub struct OwnedQueue {
+    pub queue: Queue,
+    pub filters: Vec<TopicFilter>,
+    /// Consumer -> (its shard, its session there).
+    pub consumers: std::collections::HashMap<ConsumerId, (ShardId, SessKey)>,
+}
+
+/// One queue subscription of a session on this shard.
+#[derive(Clone, Debug)]
+pub struct QueueConsumer {
+    pub name: QueueName,
+    pub consumer: ConsumerId,
+    /// The subscription's filter text (`$queue/...` or `$q/...`).
+    pub text: String,
+    pub qos: QoS,
+}
+
+/// What a subscription filter asks of the queue engine, if it is a queue subscription.
+pub struct QueueSubscription {
+    pub name: QueueName,
+    /// Bind the queue to this filter (created if new).
+    pub bind: Option<TopicFilter>,
+}
+
+/// `$queue/<name>`, `$queue/<name>/<filter>` or `$q/<filter>`; `None` for any other filter, and
+/// for a malformed queue subscription (refused by the caller).
+pub fn parse_queue_subscription(text: &str) -> Option<Result<QueueSubscription, ()>> {
+    if let Some(rest) = text.strip_prefix("$queue/") {
+        let (name, filter) = match rest.split_once('/') {
+            Some((n, f)) => (n, Some(f)),
+            None => (rest, None),
+        };
+        let Ok(name) = QueueName::new(name) else { return Some(Err(())) };
+        let bind = match filter.map(TopicFilter::new) {
+            None => None,
+            Some(Ok(f)) => Some(f),
+            Some(Err(_)) => return Some(Err(())),
+        };
+        return Some(Ok(QueueSubscription { name, bind }));
+    }
+    if let Some(f) = text.strip_prefix("$q/") {
+        let Ok(filter) = TopicFilter::new(f) else { return Some(Err(())) };
+        let Ok(name) = QueueName::for_filter(&filter) else { return Some(Err(())) };
+        return Some(Ok(QueueSubscription { name, bind: Some(filter) }));
+    }
+    None
+}
+
+/// The queue subscription a session's filter is, if it is one (never a shared subscription).
+pub fn queue_filter(f: &SubscriptionFilter) -> Option<Result<QueueSubscription, ()>> {
+    match f {
+        SubscriptionFilter::Plain(f) => parse_queue_subscription(f.as_str()),
+        SubscriptionFilter::Shared { .. } => None,
+    }
+}
+
+/// The queue a `$queue/<name>` topic publishes straight into.
+pub fn queue_topic(topic: &str) -> Option<QueueName> {
+    QueueName::new(topic.strip_prefix("$queue/")?).ok()
+}
+
+pub fn stored_config(c: &QueueConfig) -> StoredQueueConfig {
+    let (dispatch, key_property, key_level) = match &c.dispatch {
+        Dispatch::RoundRobin => (0, None, None),
+        Dispatch::Random => (1, None, None),
+        Dispatch::LeastInflight => (2, None, None),
+        Dispatch::KeyAffine(KeySource::UserProperty(p)) => (3, Some(p.clone()), None),
+        Dispatch::KeyAffine(KeySource::TopicLevel(n)) => (4, None, Some(*n as u32)),
+    };
+    StoredQueueConfig {
+        max_messages: c.max_messages as u64,
+        max_bytes: c.max_bytes as u64,
+        message_ttl_ms: c.message_ttl.map(|d| d.as_millis() as u64),
+        drop_head: c.overflow == Overflow::DropHead,
+        dead_letter: c.dead_letter.as_ref().map(|n| n.as_str().to_owned()),
+        max_deliveries: c.max_deliveries,
+        dispatch,
+        key_property,
+        key_level,
+        ack_timeout_ms: c.ack_timeout.map(|d| d.as_millis() as u64),
+        default_prefetch: c.default_prefetch,
+    }
+}
+
+pub fn config_from_stored(s: &StoredQueueConfig) -> QueueConfig {
+    let dispatch = match (s.dispatch, &s.key_property, s.key_level) {
+        (1, _, _) => Dispatch::Random,
+        (2, _, _) => Dispatch::LeastInflight,
+        (3, Some(p), _) => Dispatch::KeyAffine(KeySource::UserProperty(p.clone())),
+        (4, _, Some(n)) => Dispatch::KeyAffine(KeySource::TopicLevel(n as usize)),
+        _ => Dispatch::RoundRobin,
+    };
+    QueueConfig {
+        max_messages: usize::try_from(s.max_messages).unwrap_or(usize::MAX),
+        max_bytes: usize::try_from(s.max_bytes).unwrap_or(usize::MAX),
+        message_ttl: s.message_ttl_ms.map(Duration::from_millis),
+        overflow: if s.drop_head { Overflow::DropHead } else { Overflow::RejectPublish },
+        dead_letter: s.dead_letter.as_deref().and_then(|n| QueueName::parse_any(n).ok()),
+        max_deliveries: s.max_deliveries,
+        dispatch,
+        ack_timeout: s.ack_timeout_ms.map(Duration::from_millis),
+        default_prefetch: s.default_prefetch,
+    }
+}
+
+/// The record of one queue journal entry.
+pub fn queue_record(name: &QueueName, entry: &QueueJournal, clock: &WallClock) -> Record {
+    let name = name.as_str().to_owned();
+    match entry {
+        QueueJournal::Appended { offset, message, key, at } => Record::QueueAppend {
+            name,
+            offset: *offset,
+            message: durable::stored_message(message, clock),
+            key: key.as_deref().map(str::to_owned),
+            at_ms: clock.to_ms(*at),
+        },
+        QueueJournal::Done { group, offset } => Record::QueueDone { name, group: group.to_string(), offset: *offset },
+        QueueJournal::Trimmed { below } => Record::QueueTrim { name, below: *below },
+        QueueJournal::GroupCreated { group } => Record::QueueGroup { name, group: group.to_string() },
+        QueueJournal::Committed { group, below } => {
+            Record::QueueCommitted { name, group: group.to_string(), below: *below }
+        }
+    }
+}
+
+/// The declaration record of a queue (config and bindings).
+pub fn declare_record(q: &OwnedQueue) -> Record {
+    Record::QueueDeclare {
+        name: q.queue.name().as_str().to_owned(),
+        config: stored_config(q.queue.config()),
+        filters: q.filters.iter().map(|f| f.as_str().to_owned()).collect(),
+    }
+}
+
+/// A queue as the replay of a log rebuilds it.
+pub struct ReplayedQueue {
+    pub queue: Queue,
+    pub filters: Vec<TopicFilter>,
+}
+
+/// Apply a queue record to the replay's queues; false if `record` is not a queue record.
+pub fn replay_queue_record(
+    queues: &mut std::collections::HashMap<String, ReplayedQueue>,
+    record: &Record,
+    clock: &WallClock,
+) -> bool {
+    match record {
+        Record::QueueDeclare { name, config, filters } => {
+            let Ok(qn) = QueueName::parse_any(name) else { return true };
+            let config = config_from_stored(config);
+            let filters: Vec<TopicFilter> = filters.iter().filter_map(|f| TopicFilter::new(f).ok()).collect();
+            match queues.get_mut(name) {
+                Some(r) => {
+                    r.queue.set_config(config);
+                    r.filters = filters;
+                }
+                None => {
+                    queues.insert(name.clone(), ReplayedQueue { queue: Queue::new(qn, config), filters });
+                }
+            }
+        }
+        Record::QueueDelete { name } => {
+            queues.remove(name);
+        }
+        Record::QueueAppend { name, offset, message, key, at_ms } => {
+            if let (Some(r), Some(m)) = (queues.get_mut(name), durable::message_from_stored(message, clock, None)) {
+                r.queue.replay(QueueJournal::Appended {
+                    offset: *offset,
+                    message: m,
+                    key: key.as_deref().map(Arc::from),
+                    at: clock.to_instant(*at_ms),
+                });
+            }
+        }
+        Record::QueueDone { name, group, offset } => {
+            if let Some(r) = queues.get_mut(name) {
+                r.queue.replay(QueueJournal::Done { group: Arc::from(group.as_str()), offset: *offset });
+            }
+        }
+        Record::QueueTrim { name, below } => {
+            if let Some(r) = queues.get_mut(name) {
+                r.queue.replay(QueueJournal::Trimmed { below: *below });
+            }
+        }
+        Record::QueueGroup { name, group } => {
+            if let Some(r) = queues.get_mut(name) {
+                r.queue.replay(QueueJournal::GroupCreated { group: Arc::from(group.as_str()) });
+            }
+        }
+        Record::QueueCommitted { name, group, below } => {
+            if let Some(r) = queues.get_mut(name) {
+                r.queue.replay(QueueJournal::Committed { group: Arc::from(group.as_str()), below: *below });
+            }
+        }
+        _ => return false,
+    }
+    true
+}
+
+impl Broker {
+    fn queue_owner(&self, name: &QueueName) -> ShardId {
+        flux_core::shard_for(name.as_str().as_bytes(), self.shard_count)
+    }
+
+    /// A queue from the config file: every shard binds its filters; the owner creates it (or
+    /// takes the file's settings for a queue recovered from the log).
+    pub fn declare_configured_queue(&self, name: QueueName, config: QueueConfig, filters: Vec<TopicFilter>) {
+        for f in &filters {
+            self.apply_queue_bind(&name, f);
+        }
+        if self.queue_owner(&name) != self.me {
+            return;
+        }
+        let mut st = self.state.borrow_mut();
+        let owned = st.owned_queues.entry(name.clone()).or_insert_with(|| OwnedQueue {
+            queue: Queue::new(name.clone(), config.clone()),
+            filters: Vec::new(),
+            consumers: Default::default(),
+        });
+        owned.queue.set_config(config);
+        for f in filters {
+            if !owned.filters.contains(&f) {
+                owned.filters.push(f);
+            }
+        }
+        let record = declare_record(owned);
+        drop(st);
+        self.append(record);
+    }
+
+    /// Install the queues replayed from this shard's log; returns the binding broadcasts to await
+    /// before accepting clients.
+    pub fn restore_queues(&self, queues: std::collections::HashMap<String, ReplayedQueue>) -> Vec<Gather> {
+        let mut waits = Vec::new();
+        for (_, r) in queues {
+            let name = r.queue.name().clone();
+            for f in &r.filters {
+                waits.push(self.broadcast_queue_bind(&name, f));
+            }
+            tracing::info!(queue = %name, depth = r.queue.depth(), "queue restored from the WAL");
+            self.state.borrow_mut().owned_queues.insert(
+                name,
+                OwnedQueue { queue: r.queue, filters: r.filters, consumers: Default::default() },
+            );
+        }
+        waits
+    }
+
+    fn apply_queue_bind(&self, name: &QueueName, filter: &TopicFilter) {
+        let mut st = self.state.borrow_mut();
+        st.queue_routes.insert(filter, name.clone());
+    }
+
+    /// Bind `name` to `filter` on every shard; the gather completes once all applied it.
+    fn broadcast_queue_bind(&self, name: &QueueName, filter: &TopicFilter) -> Gather {
+        self.apply_queue_bind(name, filter);
+        let others = usize::from(self.shard_count) - 1;
+        if others == 0 {
+            return GatherState::new(0);
+        }
+        let g = GatherState::new(others);
+        let req = self.next_req();
+        self.state.borrow_mut().pending.insert(req, g.clone());
+        for i in 0..self.shard_count {
+            let shard = ShardId(i);
+            if shard != self.me {
+                self.mesh.send(shard, ShardMsg::QueueBind { name: name.clone(), filter: filter.clone(), req: Some(req) });
+            }
+        }
+        g
+    }
+
+    /// On the owner: make sure the queue exists (default settings) and is bound to `filter`.
+    fn ensure_owned_queue(&self, name: &QueueName, filter: Option<&TopicFilter>) {
+        let mut st = self.state.borrow_mut();
+        let mut changed = false;
+        let owned = st.owned_queues.entry(name.clone()).or_insert_with(|| {
+            changed = true;
+            tracing::info!(queue = %name, "queue created");
+            OwnedQueue { queue: Queue::new(name.clone(), QueueConfig::default()), filters: Vec::new(), consumers: Default::default() }
+        });
+        if let Some(f) = filter {
+            if !owned.filters.contains(f) {
+                owned.filters.push(f.clone());
+                changed = true;
+            }
+        }
+        if changed {
+            let record = declare_record(owned);
+            drop(st);
+            self.append(record);
+        }
+    }
+
+    /// A session subscribed to a queue filter: bind (and create) as asked, then attach it as a
+    /// consumer. Returns the gather of the binding broadcast (the SUBACK waits for it, so a
+    /// publish after the SUBACK reaches the queue).
+    pub(crate) fn queue_subscribe(&self, key: SessKey, s: &Subscribed, qs: QueueSubscription) -> Gather {
+        let wait = match &qs.bind {
+            Some(f) => self.broadcast_queue_bind(&qs.name, f),
+            None => GatherState::new(0),
+        };
+        let owner = self.queue_owner(&qs.name);
+        let text = match &s.subscription.filter {
+            SubscriptionFilter::Plain(f) => f.as_str().to_owned(),
+            SubscriptionFilter::Shared { filter, .. } => filter.as_str().to_owned(),
+        };
+        let consumer = {
+            let mut st = self.state.borrow_mut();
+            st.next_consumer += 1;
+            ConsumerId((u64::from(self.me.0) << 48) | st.next_consumer)
+        };
+        // A re-subscription replaces the consumer.
+        self.queue_detach_text(key, &text);
+        let qos = if s.subscription.options.qos == QoS::ExactlyOnce { QoS::ExactlyOnce } else { QoS::AtLeastOnce };
+        self.state.borrow_mut().queue_consumers.entry(key).or_default().push(QueueConsumer {
+            name: qs.name.clone(),
+            consumer,
+            text,
+            qos,
+        });
+        let group: Arc<str> = Arc::from(s.group.as_deref().unwrap_or(DEFAULT_GROUP));
+        let prefetch = self.limits.max_inflight_messages;
+        if owner == self.me {
+            self.ensure_owned_queue(&qs.name, qs.bind.as_ref());
+            self.on_queue_attach(qs.name, consumer, group, self.me, key, prefetch, Instant::now());
+        } else {
+            // The owner creates the queue (if new) on the attach, or on the binding.
+            self.mesh.send(owner, ShardMsg::QueueAttach { name: qs.name, consumer, group, session: key, prefetch });
+        }
+        wait
+    }
+
+    /// The session unsubscribed from a queue filter.
+    pub(crate) fn queue_unsubscribe(&self, key: SessKey, text: &str) {
+        self.queue_detach_text(key, text);
+    }
+
+    fn queue_detach_text(&self, key: SessKey, text: &str) {
+        let gone: Vec<QueueConsumer> = {
+            let mut st = self.state.borrow_mut();
+            let Some(list) = st.queue_consumers.get_mut(&key) else { return };
+            let (gone, keep): (Vec<_>, Vec<_>) = list.drain(..).partition(|c| c.text == text);
+            *list = keep;
+            gone
+        };
+        for c in gone {
+            self.send_queue_detach(c.name, c.consumer);
+        }
+    }
+
+    /// The session's connection is gone (or the session ended): its queue consumers leave; what
+    /// they held is delivered again. A persistent session attaches again when it resumes.
+    pub(crate) fn queue_session_gone(&self, key: SessKey) {
+        let gone = self.state.borrow_mut().queue_consumers.remove(&key).unwrap_or_default();
+        for c in gone {
+            self.send_queue_detach(c.name, c.consumer);
+        }
+    }
+
+    fn send_queue_detach(&self, name: QueueName, consumer: ConsumerId) {
+        let owner = self.queue_owner(&name);
+        if owner == self.me {
+            self.on_queue_detach(&name, consumer, Instant::now());
+        } else {
+            self.mesh.send(owner, ShardMsg::QueueDetach { name, consumer });
+        }
+    }
+
+    /// A session resumed (or was restored): attach its queue subscriptions again.
+    pub(crate) fn queue_resume(&self, key: SessKey, subs: Vec<Subscribed>) -> Vec<Gather> {
+        let mut waits = Vec::new();
+        for s in subs {
+            if let Some(Ok(qs)) = queue_filter(&s.subscription.filter) {
+                waits.push(self.queue_subscribe(key, &s, qs));
+            }
+        }
+        waits
+    }
+
+    /// The client answered a queue delivery.
+    pub fn queue_ack(&self, tag: QueueTag, accepted: bool) {
+        let owner = self.queue_owner(&tag.queue);
+        if owner == self.me {
+            self.on_queue_ack(&tag.queue, tag.consumer, tag.offset, accepted, Instant::now());
+        } else {
+            self.mesh.send(owner, ShardMsg::QueueAck { name: tag.queue, consumer: tag.consumer, offset: tag.offset, accepted });
+        }
+    }
+
+    /// Route `message` to the queues bound to its topic (or, for a `$queue/<name>` topic, to
+    /// that queue alone). With `confirm`, each remote owner answers once the append is durable;
+    /// a local refusal (queue full) comes back as `Err`. Returns (matched, answers to expect).
+    pub(crate) fn route_to_queues(&self, message: &Message, confirm: Option<u64>, now: Instant) -> Result<(bool, usize), flux_core::mqtt::ReasonCode> {
+        let names: Vec<QueueName> = match queue_topic(message.topic.as_str()) {
+            Some(n) => vec![n],
+            None => {
+                let st = self.state.borrow();
+                if st.queue_routes.is_empty() {
+                    return Ok((false, 0));
+                }
+                let mut v = Vec::new();
+                st.queue_routes.for_each_match(&message.topic, |_, n| {
+                    if !v.contains(n) {
+                        v.push(n.clone());
+                    }
+                });
+                v
+            }
+        };
+        let mut confirms = 0;
+        let mut refused = None;
+        for name in &names {
+            let owner = self.queue_owner(name);
+            if owner == self.me {
+                if !self.queue_append_local(name, message.clone(), now) {
+                    refused = Some(flux_core::mqtt::ReasonCode::QuotaExceeded);
+                }
+            } else {
+                confirms += usize::from(confirm.is_some());
+                self.mesh.send(owner, ShardMsg::QueueAppend { name: name.clone(), message: message.clone(), confirm });
+            }
+        }
+        match refused {
+            Some(r) => Err(r),
+            None => Ok((!names.is_empty(), confirms)),
+        }
+    }
+
+    /// On the owner: append (creating a `$queue/<name>` target on first use). False when full.
+    fn queue_append_local(&self, name: &QueueName, message: Message, now: Instant) -> bool {
+        if !self.state.borrow().owned_queues.contains_key(name) {
+            self.ensure_owned_queue(name, None);
+        }
+        let ok = {
+            let mut st = self.state.borrow_mut();
+            let Some(q) = st.owned_queues.get_mut(name) else { return false };
+            q.queue.publish(message, now).is_ok()
+        };
+        if !ok {
+            tracing::debug!(queue = %name, "queue full; publish refused");
+        }
+        self.pump_queue(name, now);
+        ok
+    }
+
+    /// Write the queue's journal, hand out what its consumers have room for, and move its dead
+    /// letters on.
+    fn pump_queue(&self, name: &QueueName, now: Instant) {
+        let (journal, deliveries, dead) = {
+            let mut st = self.state.borrow_mut();
+            let Some(q) = st.owned_queues.get_mut(name) else { return };
+            let deliveries: Vec<_> = q
+                .queue
+                .dispatch(now)
+                .into_iter()
+                .filter_map(|d| q.consumers.get(&d.consumer).map(|&(shard, session)| (d, shard, session)))
+                .collect();
+            (q.queue.take_journal(), deliveries, q.queue.take_dead_letters())
+        };
+        if self.log.is_some() {
+            for j in &journal {
+                self.append(queue_record(name, j, &self.clock));
+            }
+        }
+        for (d, shard, session) in deliveries {
+            if shard == self.me {
+                self.queue_deliver(name.clone(), d.consumer, session, d.offset, d.message, now);
+            } else {
+                self.mesh.send(
+                    shard,
+                    ShardMsg::QueueDeliver { name: name.clone(), consumer: d.consumer, session, offset: d.offset, message: d.message },
+                );
+            }
+        }
+        for dl in dead {
+            let _ = self.route_to_queues_named(&dl.target, dl.message, now);
+        }
+    }
+
+    fn route_to_queues_named(&self, target: &QueueName, message: Message, now: Instant) -> bool {
+        let owner = self.queue_owner(target);
+        if owner == self.me {
+            self.queue_append_local(target, message, now)
+        } else {
+            self.mesh.send(owner, ShardMsg::QueueAppend { name: target.clone(), message, confirm: None });
+            true
+        }
+    }
+
+    /// On the consumer's shard: deliver a queue message to its session.
+    fn queue_deliver(&self, name: QueueName, consumer: ConsumerId, session: SessKey, offset: Offset, message: Message, now: Instant) {
+        let qos = {
+            let st = self.state.borrow();
+            st.queue_consumers.get(&session).and_then(|l| l.iter().find(|c| c.consumer == consumer)).map(|c| c.qos)
+        };
+        // The consumer left meanwhile: its detach (already sent) releases the message.
+        let Some(qos) = qos else { return };
+        let Some(entry) = self.entry(session) else { return };
+        let delivery = Delivery {
+            message,
+            qos,
+            retain: false,
+            subscription_ids: Vec::new(),
+            shared: None,
+            queue: Some(QueueTag { queue: name.clone(), consumer, offset }),
+        };
+        let outcome = {
+            let mut e = entry.borrow_mut();
+            let mut out = Outbox::default();
+            let outcome = e.session.deliver(delivery, now, &mut out);
+            let journaled = self.write_journal(&mut e);
+            self.send_to(&e, &out.packets, None, journaled);
+            outcome
+        };
+        if let DeliverOutcome::Dropped(reason) = outcome {
+            tracing::debug!(queue = %name, ?reason, "queue delivery not taken by the session; released");
+            self.queue_ack(QueueTag { queue: name, consumer, offset }, false);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_queue_attach(&self, name: QueueName, consumer: ConsumerId, group: Arc<str>, shard: ShardId, session: SessKey, prefetch: u16, now: Instant) {
+        self.ensure_owned_queue(&name, None);
+        {
+            let mut st = self.state.borrow_mut();
+            let Some(q) = st.owned_queues.get_mut(&name) else { return };
+            q.queue.attach(consumer, &group, prefetch);
+            q.consumers.insert(consumer, (shard, session));
+        }
+        self.pump_queue(&name, now);
+    }
+
+    fn on_queue_detach(&self, name: &QueueName, consumer: ConsumerId, now: Instant) {
+        {
+            let mut st = self.state.borrow_mut();
+            let Some(q) = st.owned_queues.get_mut(name) else { return };
+            q.queue.detach(consumer);
+            q.consumers.remove(&consumer);
+        }
+        self.pump_queue(name, now);
+    }
+
+    fn on_queue_ack(&self, name: &QueueName, consumer: ConsumerId, offset: Offset, accepted: bool, now: Instant) {
+        {
+            let mut st = self.state.borrow_mut();
+            let Some(q) = st.owned_queues.get_mut(name) else { return };
+            if accepted {
+                q.queue.ack(consumer, offset);
+            } else {
+                q.queue.reject(consumer, offset);
+            }
+        }
+        self.pump_queue(name, now);
+    }
+
+    /// Queue messages from other shards.
+    pub(crate) fn on_queue_msg(&self, from: ShardId, msg: ShardMsg, now: Instant) {
+        match msg {
+            ShardMsg::QueueBind { name, filter, req } => {
+                self.apply_queue_bind(&name, &filter);
+                if self.queue_owner(&name) == self.me {
+                    self.ensure_owned_queue(&name, Some(&filter));
+                }
+                if let Some(req) = req {
+                    self.mesh.send(from, ShardMsg::Ack { req });
+                }
+            }
+            ShardMsg::QueueAppend { name, message, confirm } => {
+                let mark = self.mark();
+                if self.queue_owner(&name) != self.me {
+                    tracing::error!(queue = %name, "queue append sent to a shard that does not own the queue");
+                    if let Some(req) = confirm {
+                        self.mesh.send(from, ShardMsg::Failed { req, quota: false });
+                    }
+                    return;
+                }
+                let ok = self.queue_append_local(&name, message, now);
+                if let Some(req) = confirm {
+                    if ok {
+                        self.confirm(from, req, mark);
+                    } else {
+                        self.mesh.send(from, ShardMsg::Failed { req, quota: true });
+                    }
+                }
+            }
+            ShardMsg::QueueAttach { name, consumer, group, session, prefetch } => {
+                self.on_queue_attach(name, consumer, group, from, session, prefetch, now)
+            }
+            ShardMsg::QueueDetach { name, consumer } => self.on_queue_detach(&name, consumer, now),
+            ShardMsg::QueueDeliver { name, consumer, session, offset, message } => {
+                self.queue_deliver(name, consumer, session, offset, message, now)
+            }
+            ShardMsg::QueueAck { name, consumer, offset, accepted } => {
+                self.on_queue_ack(&name, consumer, offset, accepted, now)
+            }
+            _ => {}
+        }
+    }
+
+    /// Ack timeouts and TTLs of the queues this shard owns.
+    pub(crate) fn queues_tick(&self, now: Instant) {
+        let names: Vec<QueueName> = self.state.borrow().owned_queues.keys().cloned().collect();
+        for name in names {
+            if let Some(q) = self.state.borrow_mut().owned_queues.get_mut(&name) {
+                q.queue.tick(now);
+            }
+            self.pump_queue(&name, now);
+        }
+    }
+
+    /// Checkpoint copies of the owned queues (declaration and state).
+    pub(crate) fn queue_checkpoint_records(&self) -> (Vec<Record>, u64) {
+        let st = self.state.borrow();
+        let mut records = Vec::new();
+        let mut bytes = 0u64;
+        for q in st.owned_queues.values() {
+            records.push(declare_record(q));
+            for j in q.queue.snapshot() {
+                if let QueueJournal::Appended { message, .. } = &j {
+                    bytes += message.payload.len() as u64 + 64;
+                }
+                records.push(queue_record(q.queue.name(), &j, &self.clock));
+            }
+        }
+        (records, bytes)
+    }
+
+    /// Stats of every queue this shard owns, for the admin endpoint and logs.
+    pub fn queue_stats(&self) -> Vec<QueueStatsView> {
+        let st = self.state.borrow();
+        st.owned_queues
+            .values()
+            .map(|q| QueueStatsView {
+                name: q.queue.name().to_string(),
+                depth: q.queue.depth(),
+                bytes: q.queue.bytes(),
+                consumers: q.queue.consumer_count(),
+                groups: q.queue.group_lag().into_iter().map(|(g, c, lag, _)| (g.to_string(), c, lag)).collect(),
+                stats: q.queue.stats.clone(),
+            })
+            .collect()
+    }
+}
+
+/// What `queue_stats` reports per queue.
+#[derive(Clone, Debug)]
+pub struct QueueStatsView {
+    pub name: String,
+    pub depth: usize,
+    pub bytes: usize,
+    pub consumers: usize,
+    /// (group, consumers, messages not yet done)
+    pub groups: Vec<(String, usize, u64)>,
+    pub stats: flux_core::queue::QueueStats,
+}
