@@ -77,88 +77,6 @@ pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 10;
 /// Default `[durability] segment_size_bytes`.
 pub const DEFAULT_SEGMENT_SIZE_BYTES: u64 = 64 << 20;
 
-/// One `[[queue]]` of the config file: a durable queue declared at start.
-#[derive(Debug, Default, Deserialize, Clone)]
-#[serde(default, deny_unknown_fields)]
-pub struct QueueSection {
-    pub name: String,
-    /// Topic filters bound to the queue: every matching publish is also stored in it.
-    pub bind: Vec<String>,
-    pub max_messages: Option<usize>,
-    pub max_bytes: Option<usize>,
-    /// 0 or absent: messages never expire.
-    pub message_ttl_ms: Option<u64>,
-    /// "reject-publish" (default) or "drop-head".
-    pub overflow: Option<String>,
-    pub dead_letter: Option<String>,
-    pub max_deliveries: Option<u32>,
-    /// "round-robin" (default), "random", "least-inflight", "key-affine".
-    pub dispatch: Option<String>,
-    /// For key-affine: "user-property:NAME" or "topic-level:N".
-    pub key: Option<String>,
-    /// 0: no ack timeout (only disconnects and rejects redeliver).
-    pub ack_timeout_ms: Option<u64>,
-    pub prefetch: Option<u16>,
-}
-
-impl QueueSection {
-    /// The queue this section declares, or why it is invalid.
-    pub fn spec(&self) -> anyhow::Result<flux_shard::broker::queues::QueueSpec> {
-        use flux_core::queue::{Dispatch, KeySource, Overflow, QueueConfig, QueueName};
-        let name = QueueName::new(&self.name).map_err(|e| anyhow::anyhow!("[[queue]] name {:?}: {e}", self.name))?;
-        let d = QueueConfig::default();
-        let overflow = match self.overflow.as_deref() {
-            None | Some("reject-publish") => Overflow::RejectPublish,
-            Some("drop-head") => Overflow::DropHead,
-            Some(o) => bail!("[[queue]] {}: overflow {o:?} is not reject-publish or drop-head", self.name),
-        };
-        let dispatch = match self.dispatch.as_deref() {
-            None | Some("round-robin") => Dispatch::RoundRobin,
-            Some("random") => Dispatch::Random,
-            Some("least-inflight") => Dispatch::LeastInflight,
-            Some("key-affine") => {
-                let key = self.key.as_deref().unwrap_or("");
-                let source = if let Some(p) = key.strip_prefix("user-property:") {
-                    KeySource::UserProperty(p.to_owned())
-                } else if let Some(n) = key.strip_prefix("topic-level:") {
-                    KeySource::TopicLevel(n.parse().with_context(|| format!("[[queue]] {}: key {key:?}", self.name))?)
-                } else {
-                    bail!("[[queue]] {}: key-affine needs key = \"user-property:NAME\" or \"topic-level:N\"", self.name)
-                };
-                Dispatch::KeyAffine(source)
-            }
-            Some(o) => bail!("[[queue]] {}: dispatch {o:?} is not round-robin, random, least-inflight or key-affine", self.name),
-        };
-        let dead_letter = match &self.dead_letter {
-            Some(n) => Some(QueueName::new(n).map_err(|e| anyhow::anyhow!("[[queue]] {}: dead_letter {n:?}: {e}", self.name))?),
-            None => None,
-        };
-        let mut filters = Vec::new();
-        for f in &self.bind {
-            filters.push(
-                flux_core::topic::TopicFilter::new(f)
-                    .map_err(|e| anyhow::anyhow!("[[queue]] {}: bind {f:?}: {e:?}", self.name))?,
-            );
-        }
-        let config = QueueConfig {
-            max_messages: self.max_messages.unwrap_or(d.max_messages),
-            max_bytes: self.max_bytes.unwrap_or(d.max_bytes),
-            message_ttl: self.message_ttl_ms.filter(|&ms| ms > 0).map(std::time::Duration::from_millis),
-            overflow,
-            dead_letter,
-            max_deliveries: self.max_deliveries.unwrap_or(d.max_deliveries).max(1),
-            dispatch,
-            ack_timeout: match self.ack_timeout_ms {
-                Some(0) => None,
-                Some(ms) => Some(std::time::Duration::from_millis(ms)),
-                None => d.ack_timeout,
-            },
-            default_prefetch: self.prefetch.unwrap_or(d.default_prefetch).max(1),
-        };
-        Ok(flux_shard::broker::queues::QueueSpec { name, config, filters })
-    }
-}
-
 /// `[durability]` in the config file.
 #[derive(Debug, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -200,7 +118,7 @@ pub struct FileConfig {
     pub limits: Limits,
     pub durability: DurabilitySection,
     #[serde(rename = "queue")]
-    pub queues: Vec<QueueSection>,
+    pub queues: Vec<flux_core::queue::QueueSettings>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -386,7 +304,14 @@ pub fn merge(
         durability: cli.durability.or(file.durability.mode).unwrap_or_default(),
         flush_interval_ms: file.durability.flush_interval_ms.unwrap_or(DEFAULT_FLUSH_INTERVAL_MS),
         segment_size_bytes: file.durability.segment_size_bytes.unwrap_or(DEFAULT_SEGMENT_SIZE_BYTES),
-        queues: file.queues.iter().map(QueueSection::spec).collect::<anyhow::Result<Vec<_>>>()?,
+        queues: file
+            .queues
+            .iter()
+            .map(|q| {
+                q.spec().map(|(name, config, filters)| flux_shard::broker::queues::QueueSpec { name, config, filters })
+            })
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|e| anyhow::anyhow!("[[queue]] {e}"))?,
     };
     config.validate()?;
     Ok(config)

@@ -190,33 +190,60 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
     let writer_conn = conn.clone();
     let writer_stream = stream.clone();
     let writer_task = glommio::spawn_local(async move {
+        // Bytes gathered for one write: everything up to a hold that must still be waited for
+        // (holds already resolved, such as a run of acknowledgements behind one commit, are
+        // passed without a write each).
+        let mut batch = BytesMut::new();
         loop {
-            match writer_conn.next() {
+            let resolved = match writer_conn.next() {
                 Next::Write(data) => {
-                    if write_all(&writer_stream, &data).await.is_err() {
+                    if batch.is_empty() {
+                        batch = data;
+                    } else {
+                        batch.extend_from_slice(&data);
+                    }
+                    continue;
+                }
+                Next::Wait(hold) => match hold.try_resolve() {
+                    Some(r) => r,
+                    None => {
+                        if !batch.is_empty() {
+                            if write_all(&writer_stream, &batch).await.is_err() {
+                                writer_conn.shutdown_socket();
+                                break;
+                            }
+                            batch.clear();
+                            writer_conn.notify_drained();
+                        }
+                        hold.resolve().await
+                    }
+                },
+                Next::Idle if !batch.is_empty() => {
+                    if write_all(&writer_stream, &batch).await.is_err() {
                         writer_conn.shutdown_socket();
                         break;
                     }
+                    batch = BytesMut::new();
                     writer_conn.notify_drained();
+                    continue;
                 }
-                Next::Wait(hold) => match hold.resolve().await {
-                    Resolved::Go => {}
-                    Resolved::Write(packet) => {
-                        if write_all(&writer_stream, &writer_conn.encode_one(&packet)).await.is_err() {
-                            writer_conn.shutdown_socket();
-                            break;
-                        }
-                    }
-                    Resolved::Failed => {
-                        tracing::error!("durable write failed; acknowledgement withheld and connection closed");
-                        writer_conn.fail_held();
-                    }
-                },
                 Next::Idle if writer_conn.is_closing() => {
                     writer_conn.shutdown_socket();
                     break;
                 }
-                Next::Idle => writer_conn.wait().await,
+                Next::Idle => {
+                    writer_conn.wait().await;
+                    continue;
+                }
+            };
+            match resolved {
+                Resolved::Go => {}
+                Resolved::Write(packet) => batch.extend_from_slice(&writer_conn.encode_one(&packet)),
+                Resolved::Failed => {
+                    tracing::error!("durable write failed; acknowledgement withheld and connection closed");
+                    batch.clear();
+                    writer_conn.fail_held();
+                }
             }
         }
     })

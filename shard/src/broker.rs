@@ -88,6 +88,9 @@ struct State {
     /// Queue consumers among this shard's sessions.
     queue_consumers: HashMap<SessKey, Vec<queues::QueueConsumer>>,
     next_consumer: u64,
+    /// Persistent sessions per subscribed filter (the inner filter of a shared subscription):
+    /// this shard's `RouteKey::Durable` entries.
+    durable_local: HashMap<TopicFilter, std::collections::HashSet<SessKey>>,
 }
 
 /// A PUBACK/PUBREC whose reason code waits for the other shards that took the publish.
@@ -493,11 +496,17 @@ impl Broker {
             return (queued, queue_confirms, refused);
         }
         let mut dest = vec![false; usize::from(self.shard_count)];
+        // Shards that must confirm: only those with persistent subscribers of the topic (the
+        // others never write anything for it, and their answer would only cost a round trip).
+        let mut durable = vec![false; usize::from(self.shard_count)];
         let mut groups = Vec::new();
         let mut picks = Vec::new();
         {
             let mut st = self.state.borrow_mut();
             st.routes.plain_destinations(&message.topic, &mut dest);
+            if confirm.is_some() {
+                st.routes.durable_destinations(&message.topic, &mut durable);
+            }
             st.routes.shared_groups(&message.topic, &mut groups);
             for (group, filter) in groups {
                 if let Some(shard) = st.routes.pick_shared(&group, &filter, None) {
@@ -516,10 +525,15 @@ impl Broker {
             if shard == self.me {
                 self.deliver_local(message, now);
             } else {
+                let confirm = confirm.filter(|_| durable.get(i).copied().unwrap_or(true));
                 confirms += usize::from(confirm.is_some());
                 self.mesh.send(shard, ShardMsg::Publish { message: message.clone(), confirm });
             }
         }
+        // A shared group's pick may be re-routed to another member shard: confirm whenever any
+        // shard has persistent subscribers of the topic.
+        let any_durable = durable.iter().any(|d| *d);
+        let confirm = confirm.filter(|_| any_durable);
         for (shard, group, filter) in picks {
             if shard == self.me {
                 // Re-routed elsewhere only when no member is left here; then that shard confirms.
@@ -707,7 +721,7 @@ impl Broker {
                 Some(Ok(qs)) => waits.push(self.queue_subscribe(key, s, qs)),
                 Some(Err(())) => refused_queue.push(i),
                 None if s.existed => {}
-                None => waits.push(self.add_subscription(key, &s.subscription.filter)),
+                None => waits.extend(self.add_subscription(key, &s.subscription.filter)),
             }
         }
         let mut suback = suback;
@@ -783,7 +797,21 @@ impl Broker {
         self.remove_subscriptions(key, removed);
     }
 
-    fn add_subscription(&self, key: SessKey, filter: &SubscriptionFilter) -> Gather {
+    /// Add a subscription to the tables; the gathers complete once every shard's route table
+    /// has what it needs of it.
+    fn add_subscription(&self, key: SessKey, filter: &SubscriptionFilter) -> Vec<Gather> {
+        let mut waits = Vec::new();
+        let logged = self.entry(key).is_some_and(|e| e.borrow().logged);
+        if logged {
+            let f = filter.filter().clone();
+            let n = {
+                let mut st = self.state.borrow_mut();
+                let set = st.durable_local.entry(f.clone()).or_default();
+                set.insert(key);
+                set.len() as u32
+            };
+            waits.push(self.update_route(RouteKey::Durable(f), n));
+        }
         let (route_key, members) = {
             let mut st = self.state.borrow_mut();
             match filter {
@@ -801,11 +829,24 @@ impl Broker {
                 }
             }
         };
-        self.update_route(route_key, members)
+        waits.push(self.update_route(route_key, members));
+        waits
     }
 
     fn remove_subscriptions(&self, key: SessKey, filters: &[SubscriptionFilter]) {
         for filter in filters.iter().filter(|f| queues::queue_filter(f).is_none()) {
+            let durable = {
+                let mut st = self.state.borrow_mut();
+                let f = filter.filter();
+                let left = st.durable_local.get_mut(f).and_then(|set| set.remove(&key).then_some(set.len() as u32));
+                if left == Some(0) {
+                    st.durable_local.remove(f);
+                }
+                left.map(|n| (f.clone(), n))
+            };
+            if let Some((f, n)) = durable {
+                self.update_route(RouteKey::Durable(f), n);
+            }
             let (route_key, members) = {
                 let mut st = self.state.borrow_mut();
                 match filter {

@@ -132,6 +132,22 @@ pub struct ShardLog {
     growth_factor: u64,
     segment_size_bytes: u64,
     checkpointing: Cell<bool>,
+    low_space_warned: Cell<bool>,
+}
+
+/// Bytes available to this process on the file system holding `dir`.
+fn free_bytes(dir: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is a valid NUL-terminated string and `st` is a properly sized out-parameter.
+    let rc = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
 impl ShardLog {
@@ -164,7 +180,6 @@ impl ShardLog {
         }
         tracing::info!(dir = %dir.display(), records = report.records, segments = report.segments,
             bytes = report.frame_bytes, read_ms = report.read_time.as_millis() as u64, "WAL recovered");
-        let used = wal.disk_usage().used_bytes;
         Ok(ShardLog {
             wal,
             mode: config.mode,
@@ -173,10 +188,13 @@ impl ShardLog {
             replies: RefCell::new(VecDeque::new()),
             replies_ready: Signal::default(),
             dirty: Signal::default(),
-            checkpoint: Cell::new((used, used)),
+            // Nothing known to be live yet: a recovered log longer than two segments is
+            // checkpointed right away (its live part may be tiny).
+            checkpoint: Cell::new((0, 0)),
             growth_factor: config.checkpoint_growth_factor.max(1),
             segment_size_bytes: config.segment_size_bytes,
             checkpointing: Cell::new(false),
+            low_space_warned: Cell::new(false),
         })
     }
 
@@ -299,7 +317,24 @@ impl ShardLog {
         let (live, base) = self.checkpoint.get();
         let used = self.wal.disk_usage().used_bytes;
         let allowed = (live.saturating_mul(self.growth_factor)).max(2 * self.segment_size_bytes);
-        used.saturating_sub(base) > allowed
+        if used.saturating_sub(base) <= allowed {
+            return false;
+        }
+        // A checkpoint first needs room for a copy of the live state (and a segment or two to
+        // write it in); on a disk without it, it would only fill the disk and poison the log.
+        let needed = live.saturating_mul(2).saturating_add(2 * self.segment_size_bytes);
+        match free_bytes(self.wal.storage().dir()) {
+            Some(free) if free < needed => {
+                if !self.low_space_warned.replace(true) {
+                    tracing::warn!(free_bytes = free, needed_bytes = needed, "WAL checkpoint postponed: not enough free disk space");
+                }
+                false
+            }
+            _ => {
+                self.low_space_warned.set(false);
+                true
+            }
+        }
     }
 
     pub fn set_checkpointing(&self, on: bool) {

@@ -15,12 +15,16 @@ use crate::handover::SocketHandover;
 pub enum RouteKey {
     Plain(TopicFilter),
     Shared { group: Arc<str>, filter: TopicFilter },
+    /// The shard has persistent sessions subscribed to this filter (plainly or through a shared
+    /// group): a QoS 1/2 publish it takes must be confirmed once their queues are durable, and
+    /// shards without such sessions are not asked (their delivery never waits for a disk).
+    Durable(TopicFilter),
 }
 
 impl RouteKey {
     pub fn filter(&self) -> &TopicFilter {
         match self {
-            RouteKey::Plain(f) | RouteKey::Shared { filter: f, .. } => f,
+            RouteKey::Plain(f) | RouteKey::Shared { filter: f, .. } | RouteKey::Durable(f) => f,
         }
     }
 }

@@ -72,6 +72,23 @@ impl Hold {
         }
     }
 
+    /// Its outcome if already known (no waiting), so the writer can batch past it.
+    pub fn try_resolve(&self) -> Option<Resolved> {
+        match self {
+            Hold::Commit(log, lsn) => {
+                if log.wal().poisoned().is_some() {
+                    Some(Resolved::Failed)
+                } else {
+                    (log.wal().durable_lsn() >= *lsn).then_some(Resolved::Go)
+                }
+            }
+            Hold::Slot(slot) => slot.decided.borrow_mut().take().map(|p| match p {
+                Some(p) => Resolved::Write(Box::new(p)),
+                None => Resolved::Go,
+            }),
+        }
+    }
+
     /// Wait for it.
     pub async fn resolve(self) -> Resolved {
         let ok = match self {

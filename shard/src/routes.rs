@@ -15,6 +15,8 @@ use crate::msg::RouteKey;
 #[derive(Default)]
 pub struct RouteTable {
     plain: SubscriptionTrie<ShardId>,
+    /// Shards with persistent subscribers under the filter.
+    durable: SubscriptionTrie<ShardId>,
     /// (group, shard) under the group's filter, present while that shard has members.
     shared: SubscriptionTrie<(Arc<str>, ShardId)>,
     /// Members per shard of each shared group, and the group's round-robin cursor.
@@ -38,6 +40,13 @@ impl RouteTable {
                     self.plain.remove(filter, &shard);
                 }
             }
+            RouteKey::Durable(filter) => {
+                if members > 0 {
+                    self.durable.insert(filter, shard);
+                } else {
+                    self.durable.remove(filter, &shard);
+                }
+            }
             RouteKey::Shared { group, filter } => {
                 let k = (group.clone(), filter.clone());
                 let g = self.groups.entry(k.clone()).or_default();
@@ -59,6 +68,15 @@ impl RouteTable {
     /// Mark in `out` (indexed by shard) every shard with a plain subscriber matching `topic`.
     pub fn plain_destinations(&self, topic: &TopicName, out: &mut [bool]) {
         self.plain.for_each_match(topic, |_, shard| {
+            if let Some(slot) = out.get_mut(shard.index()) {
+                *slot = true;
+            }
+        });
+    }
+
+    /// Mark in `out` every shard with a persistent subscriber (plain or shared) matching `topic`.
+    pub fn durable_destinations(&self, topic: &TopicName, out: &mut [bool]) {
+        self.durable.for_each_match(topic, |_, shard| {
             if let Some(slot) = out.get_mut(shard.index()) {
                 *slot = true;
             }

@@ -134,3 +134,83 @@ impl Default for QueueConfig {
         }
     }
 }
+
+/// A queue's settings as written by an operator: one `[[queue]]` of fluxd.toml, or the JSON body
+/// of the admin endpoint's `PUT /queues/<name>`. Every key but `name` is optional.
+#[derive(Debug, Default, serde::Deserialize, Clone, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueSettings {
+    pub name: String,
+    /// Topic filters bound to the queue: every matching publish is also stored in it.
+    pub bind: Vec<String>,
+    pub max_messages: Option<usize>,
+    pub max_bytes: Option<usize>,
+    /// 0 or absent: messages never expire.
+    pub message_ttl_ms: Option<u64>,
+    /// "reject-publish" (default) or "drop-head".
+    pub overflow: Option<String>,
+    pub dead_letter: Option<String>,
+    pub max_deliveries: Option<u32>,
+    /// "round-robin" (default), "random", "least-inflight", "key-affine".
+    pub dispatch: Option<String>,
+    /// For key-affine: "user-property:NAME" or "topic-level:N".
+    pub key: Option<String>,
+    /// 0: no ack timeout (only disconnects and rejects redeliver).
+    pub ack_timeout_ms: Option<u64>,
+    pub prefetch: Option<u16>,
+}
+
+impl QueueSettings {
+    /// The queue these settings declare, or why they are invalid (naming the queue).
+    pub fn spec(&self) -> Result<(QueueName, QueueConfig, Vec<crate::topic::TopicFilter>), String> {
+        let who = &self.name;
+        let name = QueueName::new(&self.name).map_err(|e| format!("name {who:?}: {e}"))?;
+        let d = QueueConfig::default();
+        let overflow = match self.overflow.as_deref() {
+            None | Some("reject-publish") => Overflow::RejectPublish,
+            Some("drop-head") => Overflow::DropHead,
+            Some(o) => return Err(format!("{who}: overflow {o:?} is not reject-publish or drop-head")),
+        };
+        let dispatch = match self.dispatch.as_deref() {
+            None | Some("round-robin") => Dispatch::RoundRobin,
+            Some("random") => Dispatch::Random,
+            Some("least-inflight") => Dispatch::LeastInflight,
+            Some("key-affine") => {
+                let key = self.key.as_deref().unwrap_or("");
+                let source = if let Some(p) = key.strip_prefix("user-property:") {
+                    KeySource::UserProperty(p.to_owned())
+                } else if let Some(n) = key.strip_prefix("topic-level:") {
+                    KeySource::TopicLevel(n.parse().map_err(|_| format!("{who}: key {key:?}: not a level number"))?)
+                } else {
+                    return Err(format!("{who}: key-affine needs key = \"user-property:NAME\" or \"topic-level:N\""));
+                };
+                Dispatch::KeyAffine(source)
+            }
+            Some(o) => return Err(format!("{who}: dispatch {o:?} is not round-robin, random, least-inflight or key-affine")),
+        };
+        let dead_letter = match &self.dead_letter {
+            Some(n) => Some(QueueName::new(n).map_err(|e| format!("{who}: dead_letter {n:?}: {e}"))?),
+            None => None,
+        };
+        let mut filters = Vec::new();
+        for f in &self.bind {
+            filters.push(crate::topic::TopicFilter::new(f).map_err(|e| format!("{who}: bind {f:?}: {e:?}"))?);
+        }
+        let config = QueueConfig {
+            max_messages: self.max_messages.unwrap_or(d.max_messages).max(1),
+            max_bytes: self.max_bytes.unwrap_or(d.max_bytes),
+            message_ttl: self.message_ttl_ms.filter(|&ms| ms > 0).map(Duration::from_millis),
+            overflow,
+            dead_letter,
+            max_deliveries: self.max_deliveries.unwrap_or(d.max_deliveries).max(1),
+            dispatch,
+            ack_timeout: match self.ack_timeout_ms {
+                Some(0) => None,
+                Some(ms) => Some(Duration::from_millis(ms)),
+                None => d.ack_timeout,
+            },
+            default_prefetch: self.prefetch.unwrap_or(d.default_prefetch).max(1),
+        };
+        Ok((name, config, filters))
+    }
+}

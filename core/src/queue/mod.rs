@@ -18,7 +18,7 @@
 pub mod config;
 pub mod engine;
 
-pub use config::{Dispatch, KeySource, Overflow, QueueConfig, QueueName, QueueNameError};
+pub use config::{Dispatch, KeySource, Overflow, QueueConfig, QueueName, QueueNameError, QueueSettings};
 pub use engine::{
     ConsumerId, DeadLetter, DeadReason, Delivered, Journal as QueueJournal, PublishError, Queue, QueueStats,
     DEFAULT_GROUP,

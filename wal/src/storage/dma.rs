@@ -99,33 +99,7 @@ impl DmaStorage {
         Ok(())
     }
 
-    fn forget(&self, id: u64) -> Option<Rc<DmaFile>> {
-        self.files.borrow_mut().remove(&id)
-    }
-}
-
-async fn close_quietly(f: Rc<DmaFile>) {
-    if let Err(e) = f.close_rc().await {
-        tracing::debug!(error = %e, "closing segment file");
-    }
-}
-
-impl Storage for DmaStorage {
-    type ReadBuf = ReadResult;
-
-    async fn list_segments(&self) -> io::Result<Vec<u64>> {
-        let mut ids = Vec::new();
-        for entry in std::fs::read_dir(&self.dir)? {
-            let entry = entry?;
-            if let Some(id) = entry.file_name().to_str().and_then(parse_segment_file_name) {
-                ids.push(id);
-            }
-        }
-        ids.sort_unstable();
-        Ok(ids)
-    }
-
-    async fn create_segment(&self, id: u64, size_bytes: u64) -> io::Result<()> {
+    async fn create_segment_inner(&self, id: u64, size_bytes: u64) -> io::Result<()> {
         if let Some(old) = self.forget(id) {
             close_quietly(old).await;
         }
@@ -158,6 +132,45 @@ impl Storage for DmaStorage {
         f.fdatasync().await?;
         self.files.borrow_mut().insert(id, Rc::new(f));
         self.sync_dir().await
+    }
+
+    fn forget(&self, id: u64) -> Option<Rc<DmaFile>> {
+        self.files.borrow_mut().remove(&id)
+    }
+}
+
+async fn close_quietly(f: Rc<DmaFile>) {
+    if let Err(e) = f.close_rc().await {
+        tracing::debug!(error = %e, "closing segment file");
+    }
+}
+
+impl Storage for DmaStorage {
+    type ReadBuf = ReadResult;
+
+    async fn list_segments(&self) -> io::Result<Vec<u64>> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if let Some(id) = entry.file_name().to_str().and_then(parse_segment_file_name) {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    async fn create_segment(&self, id: u64, size_bytes: u64) -> io::Result<()> {
+        let result = self.create_segment_inner(id, size_bytes).await;
+        if result.is_err() {
+            // A segment that could not be fully allocated (a full disk) holds nothing: leave no
+            // short file behind for recovery to take as the active segment.
+            if let Some(f) = self.forget(id) {
+                close_quietly(f).await;
+            }
+            let _ = std::fs::remove_file(self.path(id));
+        }
+        result
     }
 
     async fn remove_segment(&self, id: u64) -> io::Result<()> {
