@@ -59,6 +59,51 @@ pub struct Cli {
     /// [default: fsync].
     #[arg(long, value_name = "MODE")]
     pub durability: Option<DurabilityModeName>,
+
+    /// Admin endpoint (HTTP + JSON, for `fluxd queue ...`) address, or "off"
+    /// [default: 127.0.0.1:8088]. Port 0 picks a free port.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Default admin endpoint address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:8088";
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Operate durable queues through a running fluxd's admin endpoint.
+    Queue {
+        /// Admin endpoint of the fluxd to talk to.
+        #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADMIN_LISTEN, global = true)]
+        admin: String,
+        #[command(subcommand)]
+        action: QueueCommand,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum QueueCommand {
+    /// Every queue with its depth, consumers and per-group lag.
+    List,
+    /// One queue's figures.
+    Stats { name: String },
+    /// Create a queue (or change its settings).
+    Create {
+        name: String,
+        /// Topic filter to bind (repeat for several).
+        #[arg(long)]
+        bind: Vec<String>,
+        /// Settings as JSON, with the keys of a `[[queue]]` table.
+        #[arg(long, value_name = "JSON")]
+        settings: Option<String>,
+    },
+    /// Delete a queue and its messages.
+    Delete { name: String },
+    /// Drop every message of a queue.
+    Purge { name: String },
 }
 
 /// `durability` values.
@@ -76,6 +121,14 @@ pub enum DurabilityModeName {
 pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 10;
 /// Default `[durability] segment_size_bytes`.
 pub const DEFAULT_SEGMENT_SIZE_BYTES: u64 = 64 << 20;
+
+/// `[admin]` in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address, or "off".
+    pub listen: Option<String>,
+}
 
 /// `[durability]` in the config file.
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +170,7 @@ pub struct FileConfig {
     pub log: LogSection,
     pub limits: Limits,
     pub durability: DurabilitySection,
+    pub admin: AdminSection,
     #[serde(rename = "queue")]
     pub queues: Vec<flux_core::queue::QueueSettings>,
 }
@@ -152,6 +206,8 @@ pub struct Config {
     pub flush_interval_ms: u64,
     pub segment_size_bytes: u64,
     pub queues: Vec<flux_shard::broker::queues::QueueSpec>,
+    /// `None`: no admin endpoint.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -209,6 +265,7 @@ impl Config {
                 ..Default::default()
             },
             queues: self.queues.clone(),
+            admin_listen: self.admin_listen,
         }
     }
 }
@@ -304,6 +361,10 @@ pub fn merge(
         durability: cli.durability.or(file.durability.mode).unwrap_or_default(),
         flush_interval_ms: file.durability.flush_interval_ms.unwrap_or(DEFAULT_FLUSH_INTERVAL_MS),
         segment_size_bytes: file.durability.segment_size_bytes.unwrap_or(DEFAULT_SEGMENT_SIZE_BYTES),
+        admin_listen: match cli.admin_listen.clone().or(file.admin.listen).as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN) {
+            "off" | "" => None,
+            addr => Some(addr.parse().with_context(|| format!("admin listen address {addr:?}"))?),
+        },
         queues: file
             .queues
             .iter()

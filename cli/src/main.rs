@@ -1,6 +1,7 @@
 //! `fluxd`: reads flags and the config file, runs the start-up checks, installs signal handlers
 //! and hands over to `flux_net::run` until a signal asks it to stop.
 
+mod admin_client;
 mod checks;
 mod config;
 
@@ -27,6 +28,15 @@ const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(config::Command::Queue { admin, action }) = &cli.command {
+        return match admin_client::run(admin, action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fluxd: error: {e:#}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        };
+    }
     let rust_log = std::env::var("RUST_LOG").ok();
     let config = match config::load(&cli, rust_log, config::available_cores()) {
         Ok(config) => config,

@@ -19,6 +19,7 @@ use flux_shard::mesh::{build_mesh, MeshEndpoints};
 use flux_shard::msg::ShardMsg;
 use glommio::net::TcpListener;
 
+pub mod admin;
 pub mod conn;
 
 /// Everything the broker runtime needs to start. The CLI builds it from flags and `fluxd.toml`.
@@ -42,6 +43,8 @@ pub struct BrokerConfig {
     pub durability: DurabilityConfig,
     /// Durable queues declared in the config file.
     pub queues: Vec<flux_shard::broker::queues::QueueSpec>,
+    /// Admin endpoint (HTTP + JSON), served by shard 0; `None`: off.
+    pub admin_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,6 +214,19 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
     }
     if me.0 == 0 {
         tracing::info!("state restored on every shard; accepting clients");
+        if let Some(addr) = shared.config.admin_listen {
+            // Not fatal: the broker serves clients without it (and a second fluxd on the same
+            // machine may hold the default port).
+            match TcpListener::bind(addr) {
+                Ok(l) => {
+                    if let Ok(bound) = l.local_addr() {
+                        tracing::info!(addr = %bound, "admin listener bound");
+                    }
+                    glommio::spawn_local(admin::serve(broker.clone(), l)).detach();
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "admin endpoint not started: cannot bind"),
+            }
+        }
     }
 
     let b = broker.clone();

@@ -91,6 +91,9 @@ struct State {
     /// Persistent sessions per subscribed filter (the inner filter of a shared subscription):
     /// this shard's `RouteKey::Durable` entries.
     durable_local: HashMap<TopicFilter, std::collections::HashSet<SessKey>>,
+    /// Answers to this shard's admin requests, by request id.
+    admin_stats: HashMap<u64, Vec<queues::QueueStatsView>>,
+    admin_results: HashMap<u64, Result<u64, String>>,
 }
 
 /// A PUBACK/PUBREC whose reason code waits for the other shards that took the publish.
@@ -1142,7 +1145,12 @@ impl Broker {
                 | ShardMsg::QueueAttach { .. }
                 | ShardMsg::QueueDetach { .. }
                 | ShardMsg::QueueDeliver { .. }
-                | ShardMsg::QueueAck { .. }) => self.on_queue_msg(from, m, now),
+                | ShardMsg::QueueAck { .. }
+                | ShardMsg::QueueUnbind { .. }
+                | ShardMsg::AdminStats { .. }
+                | ShardMsg::AdminStatsReply { .. }
+                | ShardMsg::QueueAdmin { .. }
+                | ShardMsg::AdminResult { .. }) => self.on_queue_msg(from, m, now),
             }
         }
     }

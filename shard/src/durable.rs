@@ -28,6 +28,10 @@ use flux_wal::{DmaStorage, Lsn, Record, StoredMessage, Wal, WalConfig, WalError}
 
 use crate::signal::Signal;
 
+/// Appended bytes awaiting commit beyond which `interval` mode makes acknowledgements wait
+/// (a quarter of the log's default `max_pending_bytes`).
+const PENDING_BACKPRESSURE_BYTES: usize = 8 << 20;
+
 /// When an acknowledged write is on disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DurabilityMode {
@@ -240,10 +244,20 @@ impl ShardLog {
             return Pending::Failed;
         }
         let next = self.wal.next_lsn();
-        if next == mark.next || self.mode != DurabilityMode::Fsync {
+        if next == mark.next || !self.acks_wait() {
             return Pending::Nothing;
         }
         Pending::Commit(next)
+    }
+
+    /// Whether acknowledgements wait for the commit now: always with `fsync`; with `interval`
+    /// only while the log is far behind (a quarter of its pending limit), so publishers are held
+    /// back instead of having their publishes refused when a segment rollover stalls commits.
+    fn acks_wait(&self) -> bool {
+        match self.mode {
+            DurabilityMode::Fsync => true,
+            DurabilityMode::Interval(_) => self.wal.pending_bytes() > PENDING_BACKPRESSURE_BYTES,
+        }
     }
 
     /// Everything appended so far (for acknowledgements of records appended earlier).
@@ -252,7 +266,7 @@ impl ShardLog {
             return Pending::Failed;
         }
         let next = self.wal.next_lsn();
-        if self.mode != DurabilityMode::Fsync || self.wal.durable_lsn() >= next {
+        if !self.acks_wait() || self.wal.durable_lsn() >= next {
             return Pending::Nothing;
         }
         Pending::Commit(next)

@@ -10,6 +10,15 @@ use flux_core::ShardId;
 
 use crate::handover::SocketHandover;
 
+/// What the admin endpoint asks of a queue's owner.
+#[derive(Debug)]
+pub enum QueueAdminOp {
+    /// Create it, or change its settings (and add bindings).
+    Declare { config: flux_core::queue::QueueConfig, filters: Vec<TopicFilter> },
+    Delete,
+    Purge,
+}
+
 /// A key of the replicated route table.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum RouteKey {
@@ -70,4 +79,12 @@ pub enum ShardMsg {
     QueueDeliver { name: QueueName, consumer: ConsumerId, session: u64, offset: Offset, message: Message },
     /// To the queue's owner: the consumer accepted (PUBACK) or refused (reason >= 0x80) a delivery.
     QueueAck { name: QueueName, consumer: ConsumerId, offset: Offset, accepted: bool },
+    /// Remove the binding of `name` to `filter` (the queue was deleted).
+    QueueUnbind { name: QueueName, filter: TopicFilter },
+    /// Admin: send back the stats of every queue this shard owns.
+    AdminStats { req: u64 },
+    AdminStatsReply { req: u64, stats: Vec<crate::broker::queues::QueueStatsView> },
+    /// Admin, to the queue's owner: change a queue; answered with `AdminResult`.
+    QueueAdmin { name: QueueName, op: QueueAdminOp, req: u64 },
+    AdminResult { req: u64, result: Result<u64, String> },
 }

@@ -48,6 +48,7 @@ MOSQUITTO_LIMITS = {
 }
 
 _BOUND = re.compile(r"mqtt listener bound.*?addr\W{1,3}(?:\d{1,3}\.){3}\d{1,3}:(\d+)")
+_ADMIN = re.compile(r"admin listener bound.*?addr\W{1,3}(?:\d{1,3}\.){3}\d{1,3}:(\d+)")
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]")
 
 
@@ -116,7 +117,8 @@ class Broker:
             raise RuntimeError(f"fluxd binary not found at {FLUXD_BIN}; build it (cargo build --bin fluxd) or set FLUXD_BIN")
         data = self.data_dir or self.dir / "data"
         data.mkdir(exist_ok=True)
-        argv = [FLUXD_BIN, "--mqtt-listen", "127.0.0.1:0", "--shards", str(SHARDS), "--data-dir", str(data)]
+        argv = [FLUXD_BIN, "--mqtt-listen", "127.0.0.1:0", "--shards", str(SHARDS), "--data-dir", str(data),
+                "--admin-listen", "127.0.0.1:0"]
         if self.limits or self.extra_config:
             conf = self.dir / "fluxd.toml"
             text = "[limits]\n" + "".join(f"{k} = {v}\n" for k, v in self.limits.items())
@@ -165,6 +167,17 @@ class Broker:
             self.proc.kill()
             self.proc.wait()
         raise RuntimeError("mosquitto did not start:\n" + self.log())
+
+    def admin_addr(self) -> str:
+        """host:port of fluxd's admin endpoint (from its `admin listener bound addr=` line)."""
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            for line in reversed(self._log):
+                m = _ADMIN.search(line)
+                if m:
+                    return f"127.0.0.1:{m.group(1)}"
+            time.sleep(0.02)
+        raise AssertionError("fluxd did not report `admin listener bound addr=`:\n" + self.log()[-3000:])
 
     def terminate(self, timeout: float = WAIT) -> int:
         """SIGTERM (graceful shutdown); returns the exit code once the process is gone."""

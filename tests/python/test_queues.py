@@ -208,3 +208,71 @@ def test_kill9_under_load_loses_no_acknowledged_publish_and_redelivers_unacked(q
             pass
     missing = acked - got
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged publishes lost: {sorted(missing)[:10]}"
+
+
+def fluxd_queue(b, *args) -> tuple[int, object]:
+    """Runs `fluxd queue ARGS --admin <b's admin endpoint>`; (exit code, parsed JSON output)."""
+    import json
+    import subprocess
+    from harness import FLUXD_BIN
+    p = subprocess.run([FLUXD_BIN, "queue", "--admin", b.admin_addr(), *args],
+                       capture_output=True, text=True, timeout=WAIT)
+    try:
+        out = json.loads(p.stdout)
+    except ValueError:
+        out = p.stdout + p.stderr
+    return p.returncode, out
+
+
+def test_fluxd_queue_commands_create_list_purge_delete(qbroker, client):
+    b = qbroker()
+    rc, out = fluxd_queue(b, "create", "audit", "--bind", "audit/#", "--settings", '{"max_messages": 1000}')
+    assert rc == 0 and out["declared"], out
+    pub = client(b, cid("q-pub"), version=5)
+    for i in range(4):
+        assert pub.publish(f"audit/{i}", b"x", qos=1) == 0  # bound before `create` answered
+    rc, out = fluxd_queue(b, "list")
+    assert rc == 0
+    audit = next(q for q in out if q["name"] == "audit")
+    assert audit["depth"] == 4 and audit["published"] == 4, audit
+    group = audit["groups"][0]
+    assert (group["group"], group["lag_messages"]) == ("default", 4) and group["oldest_age_ms"] >= 0, group
+    rc, out = fluxd_queue(b, "stats", "audit")
+    assert rc == 0 and out["depth"] == 4
+    rc, out = fluxd_queue(b, "purge", "audit")
+    assert rc == 0 and out["purged"] == 4, out
+    rc, out = fluxd_queue(b, "delete", "audit")
+    assert rc == 0 and out["deleted"], out
+    rc, out = fluxd_queue(b, "stats", "audit")
+    assert rc != 0, f"a deleted queue still has stats: {out}"
+    rc, out = fluxd_queue(b, "create", "bad", "--settings", '{"dispatch": "sideways"}')
+    assert rc != 0 and "dispatch" in str(out), out
+    # The deleted queue's binding is gone on every shard: a publish is not stored anywhere.
+    assert pub.publish("audit/9", b"x", qos=1) == 0x10  # No matching subscribers
+
+
+def test_ack_timeout_redelivers_to_another_consumer(qbroker, client):
+    b = qbroker(extra_config='[[queue]]\nname = "vt"\nbind = ["vt/#"]\nack_timeout_ms = 1000\n')
+    holder = client(b, cid("q-holder", 0), version=5, manual_ack=True)
+    assert holder.subscribe("$queue/vt", qos=1) == [1]
+    pub = client(b, cid("q-pub"), version=5)
+    assert pub.publish("vt/1", b"slow", qos=1) == 0
+    assert holder.expect().payload == b"slow"  # held, never acknowledged
+    other = client(b, cid("q-other", 1), version=5)
+    assert other.subscribe("$queue/vt", qos=1) == [1]
+    m = other.expect(WAIT, "redelivery after the ack timeout")
+    assert m.payload == b"slow"
+
+
+def test_mqtt311_consumer_acks_by_puback(qbroker, client):
+    b = qbroker()
+    c = client(b, cid("q-311"), version=4)
+    assert c.subscribe("$queue/legacy/legacy/#", qos=1) == [1]
+    pub = client(b, cid("q-pub"), version=4)
+    for i in range(5):
+        assert pub.publish("legacy/x", str(i).encode(), qos=1) == 0
+    assert [m.payload for m in drain(c, 5)] == [b"0", b"1", b"2", b"3", b"4"]
+    c.close()
+    again = client(b, cid("q-311b"), version=4)
+    assert again.subscribe("$queue/legacy", qos=1) == [1]
+    again.expect_none()  # every message was acknowledged: nothing comes back

@@ -599,6 +599,19 @@ impl Queue {
         chosen
     }
 
+    /// Remove every message (none is dead-lettered); what consumers hold is forgotten (a late
+    /// ack is ignored). Returns how many were removed.
+    pub fn purge(&mut self) -> usize {
+        let removed = self.entries.len();
+        self.entries.clear();
+        self.bytes = 0;
+        self.head = self.next_offset;
+        let below = self.next_offset;
+        self.journal.push(Journal::Trimmed { below });
+        self.forget_below(below);
+        removed
+    }
+
     /// The changes to write to the log since the last call.
     pub fn take_journal(&mut self) -> Vec<Journal> {
         std::mem::take(&mut self.journal)

@@ -27,7 +27,7 @@ use flux_wal::{Record, StoredQueueConfig};
 
 use super::{Broker, SessKey};
 use crate::durable::{self, WallClock};
-use crate::msg::ShardMsg;
+use crate::msg::{QueueAdminOp, ShardMsg};
 use crate::signal::{Gather, GatherState};
 
 /// A queue declared in the config file (`[[queue]]`).
@@ -635,8 +635,121 @@ impl Broker {
             ShardMsg::QueueAck { name, consumer, offset, accepted } => {
                 self.on_queue_ack(&name, consumer, offset, accepted, now)
             }
+            ShardMsg::QueueUnbind { name, filter } => {
+                self.state.borrow_mut().queue_routes.remove(&filter, &name);
+            }
+            ShardMsg::AdminStats { req } => {
+                self.mesh.send(from, ShardMsg::AdminStatsReply { req, stats: self.queue_stats() });
+            }
+            ShardMsg::AdminStatsReply { req, stats } => {
+                self.state.borrow_mut().admin_stats.entry(req).or_default().extend(stats);
+                self.reply(req, Vec::new());
+            }
+            ShardMsg::QueueAdmin { name, op, req } => {
+                let result = self.queue_admin_local(&name, op, now);
+                self.mesh.send(from, ShardMsg::AdminResult { req, result });
+            }
+            ShardMsg::AdminResult { req, result } => {
+                self.state.borrow_mut().admin_results.insert(req, result);
+                self.reply(req, Vec::new());
+            }
             _ => {}
         }
+    }
+
+    /// On the owner: carry out an admin change of queue `name`.
+    fn queue_admin_local(&self, name: &QueueName, op: QueueAdminOp, now: Instant) -> Result<u64, String> {
+        if self.queue_owner(name) != self.me {
+            return Err(format!("shard {} does not own queue {name}", self.me));
+        }
+        match op {
+            QueueAdminOp::Declare { config, filters } => {
+                self.ensure_owned_queue(name, None);
+                let record = {
+                    let mut st = self.state.borrow_mut();
+                    let Some(q) = st.owned_queues.get_mut(name) else { return Err("queue vanished".into()) };
+                    q.queue.set_config(config);
+                    for f in filters {
+                        if !q.filters.contains(&f) {
+                            q.filters.push(f);
+                        }
+                    }
+                    declare_record(q)
+                };
+                self.append(record);
+                self.pump_queue(name, now);
+                Ok(0)
+            }
+            QueueAdminOp::Delete => {
+                let Some(q) = self.state.borrow_mut().owned_queues.remove(name) else {
+                    return Err(format!("no queue {name}"));
+                };
+                self.append(Record::QueueDelete { name: name.as_str().to_owned() });
+                for f in &q.filters {
+                    self.state.borrow_mut().queue_routes.remove(f, name);
+                    for i in 0..self.shard_count {
+                        let shard = ShardId(i);
+                        if shard != self.me {
+                            self.mesh.send(shard, ShardMsg::QueueUnbind { name: name.clone(), filter: f.clone() });
+                        }
+                    }
+                }
+                tracing::info!(queue = %name, depth = q.queue.depth(), "queue deleted");
+                Ok(q.queue.depth() as u64)
+            }
+            QueueAdminOp::Purge => {
+                let removed = {
+                    let mut st = self.state.borrow_mut();
+                    let Some(q) = st.owned_queues.get_mut(name) else { return Err(format!("no queue {name}")) };
+                    q.queue.purge()
+                };
+                self.pump_queue(name, now);
+                tracing::info!(queue = %name, removed, "queue purged");
+                Ok(removed as u64)
+            }
+        }
+    }
+
+    /// Admin: stats of every queue on every shard.
+    pub async fn admin_list(&self) -> Vec<QueueStatsView> {
+        let mut all = self.queue_stats();
+        let others = usize::from(self.shard_count) - 1;
+        if others == 0 {
+            return all;
+        }
+        let g = GatherState::new(others);
+        let req = self.next_req();
+        self.state.borrow_mut().pending.insert(req, g.clone());
+        for i in 0..self.shard_count {
+            let shard = ShardId(i);
+            if shard != self.me {
+                self.mesh.send(shard, ShardMsg::AdminStats { req });
+            }
+        }
+        g.done().await;
+        all.extend(self.state.borrow_mut().admin_stats.remove(&req).unwrap_or_default());
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Admin: run `op` on the owner of `name` and wait for its answer.
+    pub async fn admin_queue_op(&self, name: &QueueName, op: QueueAdminOp) -> Result<u64, String> {
+        let owner = self.queue_owner(name);
+        if let QueueAdminOp::Declare { filters, .. } = &op {
+            // Every shard has the bindings before the answer: a publish after it is stored.
+            for f in filters {
+                self.broadcast_queue_bind(name, f).done().await;
+            }
+        }
+        if owner == self.me {
+            return self.queue_admin_local(name, op, Instant::now());
+        }
+        let g = GatherState::new(1);
+        let req = self.next_req();
+        self.state.borrow_mut().pending.insert(req, g.clone());
+        self.mesh.send(owner, ShardMsg::QueueAdmin { name: name.clone(), op, req });
+        g.done().await;
+        self.state.borrow_mut().admin_results.remove(&req).unwrap_or_else(|| Err("no answer".into()))
     }
 
     /// Ack timeouts and TTLs of the queues this shard owns.
@@ -669,6 +782,7 @@ impl Broker {
 
     /// Stats of every queue this shard owns, for the admin endpoint and logs.
     pub fn queue_stats(&self) -> Vec<QueueStatsView> {
+        let now = Instant::now();
         let st = self.state.borrow();
         st.owned_queues
             .values()
@@ -677,7 +791,15 @@ impl Broker {
                 depth: q.queue.depth(),
                 bytes: q.queue.bytes(),
                 consumers: q.queue.consumer_count(),
-                groups: q.queue.group_lag().into_iter().map(|(g, c, lag, _)| (g.to_string(), c, lag)).collect(),
+                groups: q
+                    .queue
+                    .group_lag()
+                    .into_iter()
+                    .map(|(g, c, lag, oldest)| {
+                        let age = oldest.filter(|_| lag > 0).map(|t| now.saturating_duration_since(t).as_millis() as u64);
+                        (g.to_string(), c, lag, age)
+                    })
+                    .collect(),
                 stats: q.queue.stats.clone(),
             })
             .collect()
@@ -691,7 +813,7 @@ pub struct QueueStatsView {
     pub depth: usize,
     pub bytes: usize,
     pub consumers: usize,
-    /// (group, consumers, messages not yet done)
-    pub groups: Vec<(String, usize, u64)>,
+    /// (group, consumers, messages not yet done, age of the oldest of them in ms)
+    pub groups: Vec<(String, usize, u64, Option<u64>)>,
     pub stats: flux_core::queue::QueueStats,
 }
