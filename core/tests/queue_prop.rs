@@ -313,3 +313,51 @@ proptest! {
         m.drain();
     }
 }
+
+fn keyed(seq: u64, key: &str) -> Arc<Publication> {
+    Arc::new(Publication {
+        topic: TopicName::new(&format!("dev/{key}/t")).expect("topic"),
+        payload: Bytes::copy_from_slice(&seq.to_be_bytes()),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Properties::default(),
+        expires_at: None,
+        publisher: None,
+    })
+}
+
+#[test]
+fn key_affine_keeps_each_key_on_one_consumer_in_order_and_rebalances() {
+    use flux_core::queue::{Dispatch, KeySource};
+    let config = QueueConfig { dispatch: Dispatch::KeyAffine(KeySource::TopicLevel(1)), ..QueueConfig::default() };
+    let mut q = Queue::new(QueueName::new("k").expect("name"), config);
+    let now = Instant::now();
+    q.attach(ConsumerId(1), DEFAULT_GROUP, 100);
+    q.attach(ConsumerId(2), DEFAULT_GROUP, 100);
+    let keys = ["a", "b", "c", "d"];
+    for seq in 0..40u64 {
+        q.publish(keyed(seq, keys[(seq % 4) as usize]), now).expect("room");
+    }
+    let mut owner: HashMap<String, u64> = HashMap::new();
+    let mut last: HashMap<String, u64> = HashMap::new();
+    let mut per_consumer: HashMap<u64, usize> = HashMap::new();
+    for d in q.dispatch(now) {
+        let key = d.message.topic.as_str().split('/').nth(1).expect("level").to_owned();
+        let seq = seq_of(&d.message);
+        assert_eq!(*owner.entry(key.clone()).or_insert(d.consumer.0), d.consumer.0, "key {key} on two consumers");
+        if let Some(prev) = last.insert(key.clone(), seq) {
+            assert!(seq > prev, "key {key}: {seq} after {prev}");
+        }
+        *per_consumer.entry(d.consumer.0).or_default() += 1;
+    }
+    assert_eq!(per_consumer.values().sum::<usize>(), 40);
+    assert_eq!(per_consumer.len(), 2, "keys spread over both consumers: {per_consumer:?}");
+    // Consumer 1 leaves without acknowledging: its keys move to consumer 2, in order.
+    q.detach(ConsumerId(1));
+    let moved: Vec<u64> = q.dispatch(now).iter().map(|d| {
+        assert_eq!(d.consumer, ConsumerId(2));
+        seq_of(&d.message)
+    }).collect();
+    assert_eq!(moved.len(), per_consumer[&1]);
+    assert!(moved.windows(2).all(|w| w[0] < w[1]), "redelivered out of order: {moved:?}");
+}
