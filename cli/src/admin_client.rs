@@ -25,6 +25,9 @@ pub fn run(addr: &str, action: &QueueCommand) -> anyhow::Result<()> {
         }
         QueueCommand::Delete { name } => ("DELETE", format!("/queues/{}", escape(name)), String::new()),
         QueueCommand::Purge { name } => ("POST", format!("/queues/{}/purge", escape(name)), String::new()),
+        QueueCommand::Unbind { name, bind } => {
+            ("POST", format!("/queues/{}/unbind", escape(name)), serde_json::json!({ "bind": bind }).to_string())
+        }
     };
     let (status, answer) = request(addr, method, &path, &body)?;
     let pretty = serde_json::from_str::<serde_json::Value>(&answer)

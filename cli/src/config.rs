@@ -104,6 +104,13 @@ pub enum QueueCommand {
     Delete { name: String },
     /// Drop every message of a queue.
     Purge { name: String },
+    /// Remove bindings of a queue (publishes matching them are no longer stored in it).
+    Unbind {
+        name: String,
+        /// Topic filter to unbind (repeat for several).
+        #[arg(long, required = true)]
+        bind: Vec<String>,
+    },
 }
 
 /// `durability` values.

@@ -8,6 +8,7 @@
 //! | `PUT /queues/<name>` with a JSON body of `[[queue]]` keys | create it or change its settings |
 //! | `DELETE /queues/<name>` | delete it and its messages |
 //! | `POST /queues/<name>/purge` | drop its messages |
+//! | `POST /queues/<name>/unbind` with `{"bind": [filters]}` | remove bindings |
 //!
 //! One request per connection (`Connection: close`), bounded in size and time; anything else is
 //! answered 400/404/405 with a JSON `{"error": ...}`.
@@ -197,6 +198,20 @@ async fn route(broker: &Rc<Broker>, req: Request) -> (u16, Value) {
                     Ok(n) => (200, json!({ "name": name, "deleted": true, "messages": n })),
                     Err(e) => (404, json!({ "error": e })),
                 },
+                ("POST", ["unbind"]) => {
+                    let filters: Vec<flux_core::topic::TopicFilter> = match serde_json::from_slice::<Value>(&req.body)
+                        .ok()
+                        .and_then(|v| v.get("bind").and_then(|b| b.as_array()).cloned())
+                        .map(|a| a.iter().filter_map(|f| f.as_str().and_then(|s| flux_core::topic::TopicFilter::new(s).ok())).collect())
+                    {
+                        Some(f) => f,
+                        None => return (400, json!({ "error": "expected {\"bind\": [\"filter\", ...]}" })),
+                    };
+                    match broker.admin_queue_op(&qname, QueueAdminOp::Unbind { filters }).await {
+                        Ok(n) => (200, json!({ "name": name, "unbound": n })),
+                        Err(e) => (404, json!({ "error": e })),
+                    }
+                }
                 ("POST", ["purge"]) => match broker.admin_queue_op(&qname, QueueAdminOp::Purge).await {
                     Ok(n) => (200, json!({ "name": name, "purged": n })),
                     Err(e) => (404, json!({ "error": e })),

@@ -17,6 +17,8 @@ pub enum QueueAdminOp {
     Declare { config: flux_core::queue::QueueConfig, filters: Vec<TopicFilter> },
     Delete,
     Purge,
+    /// Remove these bindings.
+    Unbind { filters: Vec<TopicFilter> },
 }
 
 /// A key of the replicated route table.

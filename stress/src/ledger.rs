@@ -1,8 +1,11 @@
-//! Loss and duplicate accounting for `crash`: what each publisher sent and had acknowledged, what
-//! each subscriber received, and the verdicts drawn from them. Pure logic, no I/O.
+//! Loss and duplicate accounting for `crash` and the `queue` scenario of `load`: what each
+//! publisher sent and had acknowledged, what each subscriber received, and the verdicts drawn
+//! from them. Pure logic, no I/O.
 //!
 //! Sequence numbers are per publisher and dense from 0 (`next_seq` is the count sent), so sets
 //! of them are bitsets.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
@@ -52,6 +55,56 @@ impl SeqSet {
     pub fn max(&self) -> Option<u64> {
         let (w, bits) = self.words.iter().enumerate().rev().find(|(_, &b)| b != 0)?;
         Some(w as u64 * 64 + 63 - u64::from(bits.leading_zeros()))
+    }
+}
+
+/// A set of sequence numbers below a fixed capacity that several threads insert into at once
+/// (each insert is one `fetch_or`): the deliveries of one publisher's messages to any of a group
+/// of competing consumers, so that a message taken by two consumers counts as a duplicate.
+#[derive(Debug)]
+pub struct AtomicSeqSet {
+    words: Box<[AtomicU64]>,
+}
+
+/// What [`AtomicSeqSet::insert`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Insert {
+    New,
+    Duplicate,
+    /// At or beyond the capacity: never sent, so not a real message.
+    OutOfRange,
+}
+
+impl AtomicSeqSet {
+    /// Room for sequence numbers `0..capacity`.
+    pub fn with_capacity(capacity: u64) -> AtomicSeqSet {
+        let words = capacity.div_ceil(64) as usize;
+        AtomicSeqSet {
+            words: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub fn insert(&self, seq: u64) -> Insert {
+        let Some(word) = self.words.get((seq / 64) as usize) else {
+            return Insert::OutOfRange;
+        };
+        let mask = 1u64 << (seq % 64);
+        if word.fetch_or(mask, Ordering::AcqRel) & mask == 0 {
+            Insert::New
+        } else {
+            Insert::Duplicate
+        }
+    }
+
+    /// A copy, for [`verdict`].
+    pub fn snapshot(&self) -> SeqSet {
+        let words: Vec<u64> = self
+            .words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect();
+        let len = words.iter().map(|w| u64::from(w.count_ones())).sum();
+        SeqSet { words, len }
     }
 }
 
@@ -120,8 +173,8 @@ impl Receipts {
     }
 }
 
-/// Verdict for one subscriber.
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+/// Verdict for one subscriber (or for a group of competing consumers taken together).
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct Verdict {
     /// Distinct messages received.
     pub received: u64,
@@ -299,6 +352,38 @@ mod tests {
         r.record(0, 2);
         assert!(r.covers(&ledgers));
         assert_eq!(verdict(&ledgers, &r).lost, 0);
+    }
+
+    #[test]
+    fn atomic_set_tells_new_from_duplicate_and_bounds_its_range() {
+        let s = AtomicSeqSet::with_capacity(130);
+        assert_eq!(s.insert(0), Insert::New);
+        assert_eq!(s.insert(129), Insert::New);
+        assert_eq!(s.insert(129), Insert::Duplicate);
+        assert_eq!(s.insert(64), Insert::New);
+        // 130 rounds up to 3 words: 130..192 is stored but was never sent; 192 is out.
+        assert_eq!(s.insert(192), Insert::OutOfRange);
+        assert_eq!(AtomicSeqSet::with_capacity(0).insert(0), Insert::OutOfRange);
+        let snap = s.snapshot();
+        assert_eq!(snap.len(), 3);
+        assert_eq!(snap.iter().collect::<Vec<_>>(), vec![0, 64, 129]);
+        // From several threads at once: each seq is new exactly once.
+        let shared = std::sync::Arc::new(AtomicSeqSet::with_capacity(10_000));
+        let news: u64 = (0..4)
+            .map(|_| {
+                let s = shared.clone();
+                std::thread::spawn(move || {
+                    (0..10_000u64)
+                        .filter(|&q| s.insert(q) == Insert::New)
+                        .count() as u64
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .sum();
+        assert_eq!(news, 10_000);
+        assert_eq!(shared.snapshot().len(), 10_000);
     }
 
     #[test]

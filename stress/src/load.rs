@@ -21,6 +21,13 @@
 //! shows up in (`flux-stress durable`). With `persistent_subscribers` the subscribers keep their
 //! sessions (clean_session=0 / Session Expiry Interval > 0), so fluxd stores every message in a
 //! durable queue before acknowledging it.
+//!
+//! The `queue` scenario (fluxd durable queues): publishers on topics bound to one queue,
+//! subscribers competing consumers of it (`$queue/<name>`). There every message is accounted for
+//! ([`crate::ledger`]): which publishes were acknowledged (PUBACK, by packet id), which reached
+//! any consumer and how often, so `ledger.lost` is the count of acknowledged messages no consumer
+//! got. With `backlog` the consumers attach only once every publish is acknowledged (the queue
+//! holds the whole run), and the drain is timed.
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -36,6 +43,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::client::{self, ConnectOptions, Reader, Writer};
+use crate::ledger::{self, AtomicSeqSet, Insert, PubLedger, Receipts, SeqSet, Verdict};
 use crate::stats::{self, new_histogram, Percentiles};
 
 /// Bytes of the stamp at the start of every payload: intended send time, sequence, publisher.
@@ -98,6 +106,9 @@ pub enum Scenario {
     Fanin,
     /// N publishers (default 1) -> one topic -> `$share/stress/...` group of M subscribers.
     Shared,
+    /// N publishers (default 16) on N topics bound to one fluxd durable queue -> M competing
+    /// consumers (default 4) of `$queue/<name>` ([`LoadSpec::queue_filter`]).
+    Queue,
 }
 
 impl Scenario {
@@ -107,6 +118,7 @@ impl Scenario {
             Scenario::Fanout => (1, 50),
             Scenario::Fanin => (50, 1),
             Scenario::Shared => (1, 4),
+            Scenario::Queue => (16, 4),
         }
     }
 
@@ -116,6 +128,7 @@ impl Scenario {
             Scenario::Fanout => "fanout",
             Scenario::Fanin => "fanin",
             Scenario::Shared => "shared",
+            Scenario::Queue => "queue",
         }
     }
 }
@@ -169,6 +182,13 @@ pub struct LoadSpec {
     /// [`PERSISTENT_SESSION_EXPIRY_SECS`]): a durable broker then stores every QoS 1/2 message
     /// before acknowledging it.
     pub persistent_subscribers: bool,
+    /// Scenario queue: the filter consumers subscribe to, `$queue/<name>` (the queue bound in
+    /// the broker's config) or `$queue/<name>/<filter>` (binding it on subscribe).
+    pub queue_filter: String,
+    /// Scenario queue: consumers attach only after the send phase, once every publish is
+    /// acknowledged (or the drain bound passed): the whole run waits in the queue, and the
+    /// drain is timed ([`BacklogFigures`]). No end-to-end window then.
+    pub backlog: bool,
     #[serde(skip)]
     pub progress: bool,
     pub label: String,
@@ -182,6 +202,16 @@ impl LoadSpec {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.publishers == 0 || self.subscribers == 0 {
             bail!("need at least one publisher and one subscriber");
+        }
+        if self.scenario == Scenario::Queue {
+            if !self.queue_filter.starts_with("$queue/") && !self.queue_filter.starts_with("$q/") {
+                bail!("the queue scenario needs a $queue/<name>[/<filter>] or $q/<filter> to consume");
+            }
+            if self.qos == QoS::AtMostOnce {
+                bail!("the queue scenario is QoS 1 or 2 (a queue stores what it acknowledges)");
+            }
+        } else if self.backlog {
+            bail!("backlog is for the queue scenario");
         }
         if self.scenario == Scenario::P2p && self.publishers != self.subscribers {
             bail!("p2p pairs publisher i with subscriber i: publishers must equal subscribers");
@@ -224,9 +254,14 @@ impl LoadSpec {
     /// Deliveries each publish should produce.
     fn fanout_factor(&self) -> u64 {
         match self.scenario {
-            Scenario::P2p | Scenario::Shared => 1,
+            Scenario::P2p | Scenario::Shared | Scenario::Queue => 1,
             Scenario::Fanout | Scenario::Fanin => self.subscribers as u64,
         }
+    }
+
+    /// Every message is accounted for by sequence number (acknowledged, delivered, how often).
+    fn tracks_messages(&self) -> bool {
+        self.scenario == Scenario::Queue
     }
 
     fn publish_topic(&self, publisher: usize) -> String {
@@ -236,6 +271,7 @@ impl LoadSpec {
             Scenario::Fanout => format!("{b}/fanout"),
             Scenario::Fanin => format!("{b}/fanin/{publisher}"),
             Scenario::Shared => format!("{b}/shared"),
+            Scenario::Queue => format!("{b}/queue/{publisher}"),
         }
     }
 
@@ -246,6 +282,7 @@ impl LoadSpec {
             Scenario::Fanout => format!("{b}/fanout"),
             Scenario::Fanin => format!("{b}/fanin/+"),
             Scenario::Shared => format!("$share/stress/{b}/shared"),
+            Scenario::Queue => self.queue_filter.clone(),
         }
     }
 
@@ -335,6 +372,46 @@ pub struct LoadResult {
     /// QoS 1/2: from the write of a PUBLISH to the read of its PUBACK (PUBCOMP), measured window.
     #[serde(default)]
     pub ack_latency: Percentiles,
+    /// QoS 1/2: acknowledgements with a failure reason code (>= 0x80, MQTT 5), whole run.
+    #[serde(default)]
+    pub refused: u64,
+    /// Scenario queue: each acknowledged publish against the deliveries to all consumers taken
+    /// together (`lost`: acknowledged, delivered to no consumer; `duplicates`: deliveries of a
+    /// message already delivered, to the same or another consumer).
+    #[serde(default)]
+    pub ledger: Option<Verdict>,
+    /// Scenario queue with `backlog`: the fill (no consumer) and the drain.
+    #[serde(default)]
+    pub backlog: Option<BacklogFigures>,
+}
+
+/// The two phases of a backlog run: publishing into a queue nobody consumes, then draining it.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct BacklogFigures {
+    /// Publishes acknowledged before the consumers attached.
+    pub acked_before_attach: u64,
+    /// From the common start to the last of those acknowledgements, seconds.
+    pub fill_secs: f64,
+    pub fill_acked_per_sec: f64,
+    /// Broker RSS with every publisher connected, before the first publish.
+    pub rss_before_fill_bytes: Option<u64>,
+    /// Broker RSS once the publishes were acknowledged, before any consumer connected.
+    pub rss_after_fill_bytes: Option<u64>,
+    /// (after - before) / acknowledged publishes.
+    pub rss_bytes_per_message: Option<f64>,
+    /// Broker CPU from the common start to the attach, per acknowledged publish.
+    pub fill_cpu_us_per_msg: Option<f64>,
+    /// Connecting and subscribing the consumers, seconds.
+    pub attach_secs: f64,
+    /// Distinct messages delivered from the attach on.
+    pub drained: u64,
+    /// From the attach (start of the first consumer's CONNECT) to the last delivery, seconds.
+    pub drain_secs: f64,
+    pub drain_per_sec: f64,
+    /// From the attach to the first delivery, milliseconds.
+    pub first_delivery_ms: Option<f64>,
+    /// Broker CPU from the attach to the end of the drain, per distinct message drained.
+    pub drain_cpu_us_per_msg: Option<f64>,
 }
 
 /// Counters shared by all threads of one run.
@@ -353,6 +430,16 @@ struct Shared {
     stop: AtomicBool,
     /// QoS 1/2 acknowledgements received, all publishers (the drain waits for them too).
     acked: AtomicU64,
+    /// Messages tracked ([`LoadSpec::tracks_messages`]): per publisher, the sequence numbers
+    /// delivered to any subscriber.
+    received: Option<Vec<AtomicSeqSet>>,
+    /// Tracked: deliveries of a message not delivered before / already delivered / with a
+    /// stamp naming no message that could have been sent.
+    distinct_delivered: AtomicU64,
+    duplicate_deliveries: AtomicU64,
+    malformed_deliveries: AtomicU64,
+    /// Earliest delivery (ns since epoch; u64::MAX: none yet).
+    first_delivery_ns: AtomicU64,
 }
 
 impl Shared {
@@ -380,6 +467,43 @@ impl Shared {
             .map(|s| s.load(Ordering::Relaxed))
             .sum()
     }
+
+    /// Deliveries the drain counts: distinct messages when they are tracked (a duplicate does not
+    /// stand in for a message still missing), every delivery otherwise.
+    fn drain_delivered(&self) -> u64 {
+        if self.received.is_some() {
+            self.distinct_delivered.load(Ordering::Acquire)
+        } else {
+            self.total_delivered()
+        }
+    }
+
+    fn new(spec: &LoadSpec, epoch: Instant, start_ns: u64) -> Shared {
+        let n = spec.publishers;
+        // Publisher i sends at most messages / n + 1 (the remainder goes to the first ones).
+        let per_publisher = spec.messages / n as u64 + 1;
+        Shared {
+            epoch,
+            measure_from_ns: start_ns + spec.warmup.as_nanos() as u64,
+            sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            delivered: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            measured_delivered: AtomicU64::new(0),
+            last_delivery_ns: AtomicU64::new(0),
+            publisher_threads: (0..n).map(|_| OnceLock::new()).collect(),
+            waiting: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            stop: AtomicBool::new(false),
+            acked: AtomicU64::new(0),
+            received: spec.tracks_messages().then(|| {
+                (0..n)
+                    .map(|_| AtomicSeqSet::with_capacity(per_publisher))
+                    .collect()
+            }),
+            distinct_delivered: AtomicU64::new(0),
+            duplicate_deliveries: AtomicU64::new(0),
+            malformed_deliveries: AtomicU64::new(0),
+            first_delivery_ns: AtomicU64::new(u64::MAX),
+        }
+    }
 }
 
 struct SubOutcome {
@@ -399,13 +523,30 @@ struct PubOutcome {
 /// arrives. Indexed by the packet id itself, so out-of-order acknowledgements are timed right.
 struct AckClock {
     sent_ns: Box<[AtomicU64]>,
+    /// Tracked messages: sequence number + 1 (0 = none) of the publish each packet id carries.
+    seq: Option<Box<[AtomicU64]>>,
 }
 
 impl AckClock {
-    fn new() -> AckClock {
+    fn new(track_seq: bool) -> AckClock {
+        let slots = || (0..=u16::MAX as usize).map(|_| AtomicU64::new(0)).collect();
         AckClock {
-            sent_ns: (0..=u16::MAX as usize).map(|_| AtomicU64::new(0)).collect(),
+            sent_ns: slots(),
+            seq: track_seq.then(slots),
         }
+    }
+
+    /// Packet id `id` now carries the publish with sequence number `seq` (set before its write).
+    fn set_seq(&self, id: u16, seq: u64) {
+        if let Some(s) = &self.seq {
+            s[usize::from(id)].store(seq + 1, Ordering::Release);
+        }
+    }
+
+    /// The sequence number `id` carried, forgetting it; None when not tracked or not outstanding.
+    fn take_seq(&self, id: u16) -> Option<u64> {
+        let s = self.seq.as_ref()?[usize::from(id)].swap(0, Ordering::AcqRel);
+        s.checked_sub(1)
     }
 
     fn stamp(&self, ids: &[u16], now_ns: u64) {
@@ -427,15 +568,37 @@ struct AckOutcome {
     acked: u64,
     measured: u64,
     last_measured_ns: u64,
+    /// Acknowledgements with a failure reason code.
+    refused: u64,
+    /// Tracked messages: which sequence numbers were acknowledged (`next_seq` is filled in from
+    /// the publisher's count at the end).
+    ledger: Option<PubLedger>,
 }
 
 impl AckOutcome {
-    fn new() -> AckOutcome {
+    fn new(track: bool) -> AckOutcome {
         AckOutcome {
             latency: new_histogram(),
             acked: 0,
             measured: 0,
             last_measured_ns: 0,
+            refused: 0,
+            ledger: track.then(PubLedger::default),
+        }
+    }
+
+    /// Which publish an acknowledgement answered (by its packet id's sequence number) and
+    /// whether it was accepted.
+    fn account(&mut self, seq: Option<u64>, accepted: bool) {
+        if !accepted {
+            self.refused += 1;
+        }
+        if let Some(l) = self.ledger.as_mut() {
+            match seq {
+                Some(seq) if accepted => l.ack(seq),
+                Some(_) => l.refused += 1,
+                None => l.unexpected_acks += 1,
+            }
         }
     }
 

@@ -241,6 +241,15 @@ def test_fluxd_queue_commands_create_list_purge_delete(qbroker, client):
     assert rc == 0 and out["depth"] == 4
     rc, out = fluxd_queue(b, "purge", "audit")
     assert rc == 0 and out["purged"] == 4, out
+    # Bindings are added and removed while running.
+    rc, out = fluxd_queue(b, "create", "audit", "--bind", "extra/#")
+    assert rc == 0, out
+    assert pub.publish("extra/1", b"e", qos=1) == 0
+    rc, out = fluxd_queue(b, "unbind", "audit", "--bind", "audit/#")
+    assert rc == 0 and out["unbound"] == 1, out
+    assert pub.publish("audit/1", b"x", qos=1) == 0x10  # no longer stored: no matching subscribers
+    rc, out = fluxd_queue(b, "stats", "audit")
+    assert rc == 0 and out["depth"] == 1, out
     rc, out = fluxd_queue(b, "delete", "audit")
     assert rc == 0 and out["deleted"], out
     rc, out = fluxd_queue(b, "stats", "audit")

@@ -361,7 +361,8 @@ impl Broker {
             qos,
         });
         let group: Arc<str> = Arc::from(s.group.as_deref().unwrap_or(DEFAULT_GROUP));
-        let prefetch = self.limits.max_inflight_messages;
+        // 0: the queue's own `prefetch` setting applies.
+        let prefetch = 0;
         if owner == self.me {
             self.ensure_owned_queue(&qs.name, qs.bind.as_ref());
             self.on_queue_attach(qs.name, consumer, group, self.me, key, prefetch, Instant::now());
@@ -696,6 +697,25 @@ impl Broker {
                 }
                 tracing::info!(queue = %name, depth = q.queue.depth(), "queue deleted");
                 Ok(q.queue.depth() as u64)
+            }
+            QueueAdminOp::Unbind { filters } => {
+                let record = {
+                    let mut st = self.state.borrow_mut();
+                    let Some(q) = st.owned_queues.get_mut(name) else { return Err(format!("no queue {name}")) };
+                    q.filters.retain(|f| !filters.contains(f));
+                    declare_record(q)
+                };
+                self.append(record);
+                for f in &filters {
+                    self.state.borrow_mut().queue_routes.remove(f, name);
+                    for i in 0..self.shard_count {
+                        let shard = ShardId(i);
+                        if shard != self.me {
+                            self.mesh.send(shard, ShardMsg::QueueUnbind { name: name.clone(), filter: f.clone() });
+                        }
+                    }
+                }
+                Ok(filters.len() as u64)
             }
             QueueAdminOp::Purge => {
                 let removed = {
