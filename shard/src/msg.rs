@@ -72,7 +72,9 @@ pub enum ShardMsg {
     QueueBind { name: QueueName, filter: TopicFilter, req: Option<u64> },
     /// To the queue's owner: append `message`; `confirm` as for `Publish` (a full queue answers
     /// `Failed { quota: true }`).
-    QueueAppend { name: QueueName, message: Message, confirm: Option<u64> },
+    /// `create`: make the queue if it does not exist (`$queue/<name>` publishes, dead letters);
+    /// otherwise a message for a queue deleted meanwhile is stored nowhere.
+    QueueAppend { name: QueueName, message: Message, confirm: Option<u64>, create: bool },
     /// To the queue's owner: session `session` of the sending shard consumes the queue in `group`.
     QueueAttach { name: QueueName, consumer: ConsumerId, group: Arc<str>, session: u64, prefetch: u16 },
     /// To the queue's owner: the consumer is gone; what it held is delivered again.

@@ -105,6 +105,8 @@ pub struct FluxdOptions {
     pub data_dir: Option<PathBuf>,
     /// Write the log here instead of inside the temporary directory (so it outlives `stop`).
     pub log_file: Option<PathBuf>,
+    /// TOML appended to the generated fluxd.toml after its tables (`[admin]`, `[[queue]]`).
+    pub extra_config: Option<String>,
 }
 
 pub struct RunningBroker {
@@ -120,9 +122,15 @@ static STARTS: AtomicU64 = AtomicU64::new(0);
 
 /// The address in fluxd's `mqtt listener bound addr=HOST:PORT ...` log line (the last such line).
 pub fn parse_fluxd_bound_addr(log: &str) -> Option<SocketAddr> {
+    parse_bound_addr(log, "mqtt listener bound")
+}
+
+/// The address in the last `<what> addr=HOST:PORT ...` line of a fluxd log (`admin listener
+/// bound` for the admin endpoint).
+pub fn parse_bound_addr(log: &str, what: &str) -> Option<SocketAddr> {
     log.lines()
         .rev()
-        .filter(|l| l.contains("mqtt listener bound"))
+        .filter(|l| l.contains(what))
         .find_map(|l| {
             let rest = &l[l.find("addr=")? + "addr=".len()..];
             let token = rest.split_whitespace().next()?.trim_matches('"');
@@ -236,6 +244,10 @@ impl RunningBroker {
                 }
                 if let Some(b) = options.segment_size_bytes {
                     text.push_str(&format!("segment_size_bytes = {b}\n"));
+                }
+                if let Some(extra) = &options.extra_config {
+                    text.push('\n');
+                    text.push_str(extra);
                 }
                 fs::write(&config, text)?;
                 let data = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
@@ -435,6 +447,16 @@ mod tests {
             Some("[::1]:1883".parse().unwrap())
         );
         assert_eq!(parse_fluxd_bound_addr("INFO fluxd: starting\n"), None);
+        let both = "INFO flux_net: mqtt listener bound addr=127.0.0.1:1883 shards=2\n\
+                    INFO flux_net: admin listener bound addr=127.0.0.1:8089\n";
+        assert_eq!(
+            parse_bound_addr(both, "admin listener bound"),
+            Some("127.0.0.1:8089".parse().unwrap())
+        );
+        assert_eq!(
+            parse_fluxd_bound_addr(both),
+            Some("127.0.0.1:1883".parse().unwrap())
+        );
         assert_eq!(
             parse_fluxd_bound_addr("mqtt listener bound addr=127.0.0.1:"),
             None

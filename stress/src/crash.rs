@@ -733,6 +733,7 @@ fn start_broker(
             max_queued_bytes: Some(4 << 30),
             data_dir: Some(data_dir.to_path_buf()),
             log_file: Some(log.to_path_buf()),
+            extra_config: None,
         },
     )
 }

@@ -303,6 +303,8 @@ fn run_case(spec: &DurableSpec, k: usize, round: usize, n: usize, mode: Durabili
         client_prefix: tag,
         client_rt: false,
         persistent_subscribers: true,
+        queue_filter: String::new(),
+        backlog: false,
         progress: spec.progress,
         label: format!("{} {n}p r{round}", mode.name()),
     };
@@ -325,16 +327,25 @@ fn run_case(spec: &DurableSpec, k: usize, round: usize, n: usize, mode: Durabili
         });
     }
     let log = std::fs::read_to_string(broker.log_path()).unwrap_or_default();
+    (out.broker_warnings, out.broker_warning_count) = broker_warnings(&log);
+    broker.stop();
+    out
+}
+
+/// fluxd's WARN and ERROR lines (the RLIMIT_MEMLOCK note at start left out): the first 10, and
+/// how many there were.
+pub fn broker_warnings(log: &str) -> (Vec<String>, usize) {
+    let mut first = Vec::new();
+    let mut count = 0;
     for line in log.lines().filter(|l| {
         (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("RLIMIT_MEMLOCK")
     }) {
-        out.broker_warning_count += 1;
-        if out.broker_warnings.len() < 10 {
-            out.broker_warnings.push(line.to_string());
+        count += 1;
+        if first.len() < 10 {
+            first.push(line.to_string());
         }
     }
-    broker.stop();
-    out
+    (first, count)
 }
 
 fn case_ok(c: &CaseResult) -> bool {
@@ -398,7 +409,7 @@ pub fn summarize(publisher_counts: &[usize], cases: &[CaseResult]) -> Vec<Row> {
         .collect()
 }
 
-fn cell(v: f64, decimals: usize) -> String {
+pub fn cell(v: f64, decimals: usize) -> String {
     if v.is_finite() {
         format!("{v:.decimals$}")
     } else {
@@ -454,7 +465,7 @@ pub fn render_table(rows: &[Row]) -> String {
     t
 }
 
-fn fluxd_version(bin: &Path) -> String {
+pub fn fluxd_version(bin: &Path) -> String {
     match std::process::Command::new(bin).arg("--version").output() {
         Ok(o) => String::from_utf8_lossy(&o.stdout).trim().to_string(),
         Err(e) => format!("unknown ({e})"),

@@ -614,22 +614,24 @@ impl AckOutcome {
     }
 }
 
-/// Runs one load against `target`. Connects everything first, then publishes, drains, and
-/// disconnects. Errors only for setup failures; losses and slow brokers are results.
-pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
-    spec.validate()?;
-    let version = spec.version();
-    let timeout = Duration::from_secs(10);
+/// Subscribers' connections, each SUBACKed before the next connects, and their home shards.
+fn connect_subscribers(
+    spec: &LoadSpec,
+    target: Target,
+    timeout: Duration,
+) -> anyhow::Result<(Vec<(Reader, Writer)>, Vec<u16>)> {
     let n = spec.publishers;
-    let m = spec.subscribers;
-
-    // Subscribers first, each SUBACKed before any publisher connects.
-    let mut subscribers = Vec::with_capacity(m);
-    let mut subscriber_shards = Vec::with_capacity(m);
-    for j in 0..m {
+    let mut subscribers = Vec::with_capacity(spec.subscribers);
+    let mut shards = Vec::with_capacity(spec.subscribers);
+    for j in 0..spec.subscribers {
         let (id, shard) = spec.client_id("sub", j, n + j);
-        let mut opts =
-            ConnectOptions::clean(target.addr, &id, version, LOAD_KEEP_ALIVE_SECS, timeout);
+        let mut opts = ConnectOptions::clean(
+            target.addr,
+            &id,
+            spec.version(),
+            LOAD_KEEP_ALIVE_SECS,
+            timeout,
+        );
         if spec.persistent_subscribers {
             opts = opts.persistent(PERSISTENT_SESSION_EXPIRY_SECS);
         }
@@ -643,8 +645,63 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         )
         .with_context(|| format!("subscriber {id}"))?;
         subscribers.push((reader, writer));
-        subscriber_shards.push(shard);
+        shards.push(shard);
     }
+    Ok((subscribers, shards))
+}
+
+/// One thread per subscriber; returns the streams that close them and their handles.
+fn spawn_subscribers(
+    subscribers: Vec<(Reader, Writer)>,
+    shared: &Arc<Shared>,
+    spec: &LoadSpec,
+) -> anyhow::Result<(Vec<TcpStream>, Vec<JoinHandle<SubOutcome>>)> {
+    let mut closers = Vec::with_capacity(subscribers.len());
+    let mut threads = Vec::with_capacity(subscribers.len());
+    for (j, (reader, writer)) in subscribers.into_iter().enumerate() {
+        closers.push(reader.stream().try_clone()?);
+        let shared = shared.clone();
+        let publishers = spec.publishers;
+        let rt = spec.client_rt;
+        threads.push(
+            thread::Builder::new()
+                .name(format!("sub{j}"))
+                .spawn(move || subscriber_main(reader, writer, &shared, publishers, rt))?,
+        );
+    }
+    Ok((closers, threads))
+}
+
+fn cpu_us_between(a: Option<Duration>, b: Option<Duration>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a).as_nanos() as f64 / 1000.0),
+        _ => None,
+    }
+}
+
+/// Waits (bounded by `until`) while `pending` holds, polling every 5 ms.
+fn wait_while(until: Instant, mut pending: impl FnMut() -> bool) {
+    while pending() && Instant::now() < until {
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs one load against `target`. Connects everything first, then publishes, drains, and
+/// disconnects. Errors only for setup failures; losses and slow brokers are results.
+pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
+    spec.validate()?;
+    let version = spec.version();
+    let timeout = Duration::from_secs(10);
+    let n = spec.publishers;
+    let m = spec.subscribers;
+    let track = spec.tracks_messages();
+
+    // Subscribers first, each SUBACKed before any publisher connects (backlog: after publishing).
+    let (subscribers, mut subscriber_shards) = if spec.backlog {
+        (Vec::new(), Vec::new())
+    } else {
+        connect_subscribers(spec, target, timeout)?
+    };
     let mut publishers = Vec::with_capacity(n);
     let mut publisher_shards = Vec::with_capacity(n);
     for i in 0..n {
@@ -661,36 +718,14 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         publishers.push((reader, writer, inflight));
         publisher_shards.push(shard);
     }
+    let rss_before = target.pid.and_then(stats::process_rss_bytes);
 
     // Publishing starts at the same instant for everyone, a little after the threads exist.
     let epoch = Instant::now();
     let start_ns = Duration::from_millis(50).as_nanos() as u64;
-    let shared = Arc::new(Shared {
-        epoch,
-        measure_from_ns: start_ns + spec.warmup.as_nanos() as u64,
-        sent: (0..n).map(|_| AtomicU64::new(0)).collect(),
-        delivered: (0..n).map(|_| AtomicU64::new(0)).collect(),
-        measured_delivered: AtomicU64::new(0),
-        last_delivery_ns: AtomicU64::new(0),
-        publisher_threads: (0..n).map(|_| OnceLock::new()).collect(),
-        waiting: (0..n).map(|_| AtomicBool::new(false)).collect(),
-        stop: AtomicBool::new(false),
-        acked: AtomicU64::new(0),
-    });
+    let shared = Arc::new(Shared::new(spec, epoch, start_ns));
 
-    let mut sub_closers: Vec<TcpStream> = Vec::with_capacity(m);
-    let mut sub_threads: Vec<JoinHandle<SubOutcome>> = Vec::with_capacity(m);
-    for (j, (reader, writer)) in subscribers.into_iter().enumerate() {
-        sub_closers.push(reader.stream().try_clone()?);
-        let shared = shared.clone();
-        let publishers = n;
-        let rt = spec.client_rt;
-        sub_threads.push(
-            thread::Builder::new()
-                .name(format!("sub{j}"))
-                .spawn(move || subscriber_main(reader, writer, &shared, publishers, rt))?,
-        );
-    }
+    let (mut sub_closers, mut sub_threads) = spawn_subscribers(subscribers, &shared, spec)?;
 
     let per_pub = spec.messages / n as u64;
     let extra = spec.messages % n as u64;
@@ -701,7 +736,7 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         let writer = Arc::new(Mutex::new(writer));
         pub_writers.push(writer.clone());
         let outstanding = Arc::new(AtomicU32::new(0));
-        let clock = (spec.qos != QoS::AtMostOnce).then(|| Arc::new(AckClock::new()));
+        let clock = (spec.qos != QoS::AtMostOnce).then(|| Arc::new(AckClock::new(track)));
         if let Some(clock) = &clock {
             let (shared, writer, outstanding, clock) = (
                 shared.clone(),
@@ -727,6 +762,13 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
             qos: spec.qos,
             payload_bytes: spec.payload_bytes,
             mode: spec.mode,
+            // Backlog: nobody consumes during the send phase, so no end-to-end window.
+            window: match spec.mode {
+                Mode::Max { window } if !spec.backlog => {
+                    Some(window as u64 * spec.fanout_factor())
+                }
+                _ => None,
+            },
             publishers: n,
             start_ns,
             deadline_ns: start_ns + spec.duration.as_nanos() as u64,
@@ -764,6 +806,7 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
     let hard_stop = Instant::now() + spec.duration + Duration::from_secs(1);
     let mut last_report = Instant::now();
     let mut last_delivered = 0u64;
+    let mut last_acked = 0u64;
     while pub_threads.iter().any(|t| !t.is_finished()) {
         if Instant::now() >= hard_stop {
             shared.stop.store(true, Ordering::Release);
@@ -771,16 +814,20 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         thread::sleep(Duration::from_millis(50));
         if spec.progress && last_report.elapsed() >= Duration::from_secs(2) {
             let d = shared.total_delivered();
+            let a = shared.acked.load(Ordering::Relaxed);
             let secs = last_report.elapsed().as_secs_f64();
             eprintln!(
-                "  [{}] t={:.1}s sent={} delivered={} ({:.0}/s)",
+                "  [{}] t={:.1}s sent={} acked={} ({:.0}/s) delivered={} ({:.0}/s)",
                 spec.label,
                 epoch.elapsed().as_secs_f64(),
                 shared.total_sent(),
+                a,
+                (a - last_acked) as f64 / secs,
                 d,
                 (d - last_delivered) as f64 / secs
             );
             last_delivered = d;
+            last_acked = a;
             last_report = Instant::now();
         }
     }
@@ -798,22 +845,81 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         }
     }
 
-    // Drain: wait for what is in flight (deliveries, and acknowledgements at QoS 1/2), bounded.
-    let expected = shared.total_sent() * spec.fanout_factor();
     let expected_acks = if spec.qos == QoS::AtMostOnce {
         0
     } else {
         shared.total_sent()
     };
-    let drain_until = Instant::now() + spec.drain;
-    while (shared.total_delivered() < expected
-        || shared.acked.load(Ordering::Acquire) < expected_acks)
-        && Instant::now() < drain_until
-    {
-        thread::sleep(Duration::from_millis(5));
+    // Backlog: every acknowledgement in (bounded), then the consumers attach to the full queue.
+    let mut backlog = None;
+    let mut drain_from = None;
+    if spec.backlog {
+        wait_while(Instant::now() + spec.drain, || {
+            shared.acked.load(Ordering::Acquire) < expected_acks
+        });
+        let filled_ns = shared.now_ns();
+        let cpu_filled = target.pid.and_then(stats::process_cpu);
+        let rss_filled = target.pid.and_then(stats::process_rss_bytes);
+        let acked = shared.acked.load(Ordering::Acquire);
+        let attach = Instant::now();
+        let attach_ns = shared.now_ns();
+        match connect_subscribers(spec, target, timeout)
+            .and_then(|(subs, shards)| Ok((spawn_subscribers(subs, &shared, spec)?, shards)))
+        {
+            Ok(((closers, threads), shards)) => {
+                sub_closers = closers;
+                sub_threads = threads;
+                subscriber_shards = shards;
+            }
+            Err(e) => errors.push(format!("attaching the consumers: {e:#}")),
+        }
+        let fill_secs = filled_ns.saturating_sub(start_ns) as f64 / 1e9;
+        backlog = Some(BacklogFigures {
+            acked_before_attach: acked,
+            fill_secs,
+            fill_acked_per_sec: if fill_secs > 0.0 {
+                acked as f64 / fill_secs
+            } else {
+                0.0
+            },
+            rss_before_fill_bytes: rss_before,
+            rss_after_fill_bytes: rss_filled,
+            rss_bytes_per_message: match (rss_before, rss_filled) {
+                (Some(a), Some(b)) if acked > 0 => Some((b as f64 - a as f64) / acked as f64),
+                _ => None,
+            },
+            fill_cpu_us_per_msg: cpu_us_between(cpu_start, cpu_filled)
+                .filter(|_| acked > 0)
+                .map(|c| c / acked as f64),
+            attach_secs: attach.elapsed().as_secs_f64(),
+            ..BacklogFigures::default()
+        });
+        drain_from = Some((attach_ns, cpu_filled, shared.drain_delivered()));
     }
+
+    // Drain: wait for what is in flight (deliveries, and acknowledgements at QoS 1/2), bounded.
+    let expected = shared.total_sent() * spec.fanout_factor();
+    wait_while(Instant::now() + spec.drain, || {
+        shared.drain_delivered() < expected || shared.acked.load(Ordering::Acquire) < expected_acks
+    });
     let cpu_end = target.pid.and_then(stats::process_cpu);
     let rss = target.pid.and_then(stats::process_rss_bytes);
+    if let (Some(b), Some((attach_ns, cpu_attach, delivered_at_attach))) =
+        (backlog.as_mut(), drain_from)
+    {
+        b.drained = shared.drain_delivered() - delivered_at_attach;
+        let last = shared.last_delivery_ns.load(Ordering::Relaxed);
+        b.drain_secs = last.saturating_sub(attach_ns) as f64 / 1e9;
+        if b.drain_secs > 0.0 {
+            b.drain_per_sec = b.drained as f64 / b.drain_secs;
+        }
+        let first = shared.first_delivery_ns.load(Ordering::Relaxed);
+        b.first_delivery_ms =
+            (first != u64::MAX).then(|| first.saturating_sub(attach_ns) as f64 / 1e6);
+        b.drain_cpu_us_per_msg = cpu_us_between(cpu_attach, cpu_end)
+            .filter(|_| b.drained > 0)
+            .map(|c| c / b.drained as f64);
+    }
 
     // Disconnect everyone; closing the sockets ends the reading threads.
     for w in &pub_writers {
@@ -821,14 +927,20 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
             w.disconnect();
         }
     }
-    let mut acks = AckOutcome::new();
-    for t in ack_threads {
+    let mut acks = AckOutcome::new(false);
+    let mut ledgers = Vec::with_capacity(n);
+    for (i, t) in ack_threads.into_iter().enumerate() {
         match t.join() {
             Ok(o) => {
                 let _ = acks.latency.add(&o.latency);
                 acks.acked += o.acked;
                 acks.measured += o.measured;
                 acks.last_measured_ns = acks.last_measured_ns.max(o.last_measured_ns);
+                acks.refused += o.refused;
+                if let Some(mut l) = o.ledger {
+                    l.next_seq = shared.sent[i].load(Ordering::Acquire);
+                    ledgers.push(l);
+                }
             }
             Err(_) => errors.push("ack reader thread panicked".into()),
         }
@@ -851,18 +963,30 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
             Err(_) => errors.push("subscriber thread panicked".into()),
         }
     }
+    let delivered = shared.total_delivered();
+    let ledger = match &shared.received {
+        Some(sets) if ledgers.len() == n => {
+            let receipts = Receipts {
+                per_publisher: sets.iter().map(AtomicSeqSet::snapshot).collect::<Vec<SeqSet>>(),
+                duplicates: shared.duplicate_deliveries.load(Ordering::Acquire),
+                total: delivered,
+                malformed: shared.malformed_deliveries.load(Ordering::Acquire),
+            };
+            Some(ledger::verdict(&ledgers, &receipts))
+        }
+        Some(_) => {
+            errors.push("an ack reader is missing: no per-message verdict".into());
+            None
+        }
+        None => None,
+    };
     for e in &errors {
         eprintln!("  [{}] warning: {e}", spec.label);
     }
-
-    let delivered = shared.total_delivered();
     let measured = shared.measured_delivered.load(Ordering::Relaxed);
     let last = shared.last_delivery_ns.load(Ordering::Relaxed);
     let measured_secs = last.saturating_sub(shared.measure_from_ns) as f64 / 1e9;
-    let cpu_us = match (cpu_start, cpu_end) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a).as_nanos() as f64 / 1000.0),
-        _ => None,
-    };
+    let cpu_us = cpu_us_between(cpu_start, cpu_end);
     Ok(LoadResult {
         label: spec.label.clone(),
         scenario: spec.scenario.name().into(),
@@ -914,6 +1038,9 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
             }
         },
         ack_latency: Percentiles::of(&acks.latency),
+        refused: acks.refused,
+        ledger,
+        backlog,
     })
 }
 
@@ -924,6 +1051,8 @@ struct PubJob {
     qos: QoS,
     payload_bytes: usize,
     mode: Mode,
+    /// Closed loop: most undelivered deliveries of this publisher's messages (None: no bound).
+    window: Option<u64>,
     publishers: usize,
     start_ns: u64,
     deadline_ns: u64,
@@ -982,10 +1111,7 @@ fn publisher_main(
         }
         Mode::Max { .. } => (0.0, 0.0),
     };
-    let window = match job.mode {
-        Mode::Max { window } => Some(window as u64 * job.fanout),
-        Mode::Fixed { .. } => None,
-    };
+    let window = job.window;
     let mut packet_id = PacketId::new(1).expect("1 is a valid packet id");
     let mut padding = BytesMut::with_capacity(job.payload_bytes);
     padding.resize(job.payload_bytes, 0);
@@ -1107,6 +1233,9 @@ fn publisher_main(
         w.push(&publish);
         if let Some(id) = pid {
             stamps.ids.push(id.get());
+            if let Some(clock) = clock {
+                clock.set_seq(id.get(), sent);
+            }
         }
         sent += 1;
         shared.sent[i].store(sent, Ordering::Release);
@@ -1162,7 +1291,7 @@ fn ack_reader_main(
     client_rt: bool,
 ) -> AckOutcome {
     let _ = set_realtime(client_rt);
-    let mut out = AckOutcome::new();
+    let mut out = AckOutcome::new(clock.seq.is_some());
     loop {
         let packet = match reader.recv() {
             Ok(Some(p)) => p,
@@ -1171,7 +1300,9 @@ fn ack_reader_main(
         match packet {
             Packet::PubAck(r) | Packet::PubComp(r) => {
                 let now = shared.now_ns();
-                out.record(clock.take(r.packet_id.get()), now, shared.measure_from_ns);
+                let id = r.packet_id.get();
+                out.record(clock.take(id), now, shared.measure_from_ns);
+                out.account(clock.take_seq(id), (r.reason as u8) < 0x80);
                 shared.acked.fetch_add(1, Ordering::AcqRel);
                 outstanding.fetch_sub(1, Ordering::AcqRel);
                 shared.wake_publisher(index);
@@ -1253,15 +1384,28 @@ fn on_delivery(
         publisher,
     }) = Stamp::read(payload)
     else {
+        shared.malformed_deliveries.fetch_add(1, Ordering::Relaxed);
         return;
     };
     let publisher = publisher as usize;
+    if let Some(sets) = &shared.received {
+        let found = sets
+            .get(publisher)
+            .map_or(Insert::OutOfRange, |s| s.insert(seq));
+        let counter = match found {
+            Insert::New => &shared.distinct_delivered,
+            Insert::Duplicate => &shared.duplicate_deliveries,
+            Insert::OutOfRange => &shared.malformed_deliveries,
+        };
+        counter.fetch_add(1, Ordering::AcqRel);
+    }
     let Some(counter) = shared.delivered.get(publisher) else {
         return;
     };
     counter.fetch_add(1, Ordering::AcqRel);
     shared.wake_publisher(publisher);
     shared.last_delivery_ns.fetch_max(now, Ordering::Relaxed);
+    shared.first_delivery_ns.fetch_min(now, Ordering::Relaxed);
     if let Some(next) = next_seq.get_mut(publisher) {
         if seq < *next {
             out.dup_or_reorder += 1;
@@ -1301,6 +1445,8 @@ mod tests {
             client_prefix: "c".into(),
             client_rt: false,
             persistent_subscribers: false,
+            queue_filter: "$queue/q".into(),
+            backlog: false,
             progress: false,
             label: String::new(),
         }
@@ -1324,10 +1470,10 @@ mod tests {
 
     #[test]
     fn ack_clock_times_out_of_order_acks_once_and_skips_warmup() {
-        let clock = AckClock::new();
+        let clock = AckClock::new(false);
         clock.stamp(&[1, 2], 500); // warm-up writes
         clock.stamp(&[3, 65535], 2_000);
-        let mut out = AckOutcome::new();
+        let mut out = AckOutcome::new(false);
         out.record(clock.take(65535), 2_700, 1_000);
         out.record(clock.take(1), 2_800, 1_000);
         out.record(clock.take(3), 3_000, 1_000);
@@ -1339,6 +1485,28 @@ mod tests {
         assert_eq!(out.latency.max(), out.latency.highest_equivalent(1_000));
         assert_eq!(clock.take(2), Some(500));
         assert_eq!(clock.take(2), None);
+        assert_eq!(clock.take_seq(2), None, "sequence numbers only when tracked");
+    }
+
+    #[test]
+    fn tracked_acks_name_their_publish_and_refusals_are_not_acknowledgements() {
+        let clock = AckClock::new(true);
+        clock.set_seq(1, 0);
+        clock.set_seq(2, 1);
+        clock.set_seq(65535, 70_000); // packet ids wrap; sequence numbers do not
+        let mut out = AckOutcome::new(true);
+        out.account(clock.take_seq(2), true);
+        out.account(clock.take_seq(65535), true);
+        out.account(clock.take_seq(1), false); // PUBACK 0x97
+        out.account(clock.take_seq(1), true); // nothing outstanding under id 1 any more
+        let l = out.ledger.as_ref().unwrap();
+        assert_eq!(l.acked.iter().collect::<Vec<_>>(), vec![1, 70_000]);
+        assert_eq!((l.refused, l.unexpected_acks, out.refused), (1, 1, 1));
+        // Untracked: refusals are still counted.
+        let mut plain = AckOutcome::new(false);
+        plain.account(None, false);
+        assert!(plain.ledger.is_none());
+        assert_eq!(plain.refused, 1);
     }
 
     #[test]
@@ -1403,30 +1571,15 @@ mod tests {
 
     #[test]
     fn stamp_is_read_back_and_warmup_messages_are_not_measured() {
-        let shared = Shared {
-            epoch: Instant::now(),
-            measure_from_ns: 1_000,
-            sent: (0..2).map(|_| AtomicU64::new(0)).collect(),
-            delivered: (0..2).map(|_| AtomicU64::new(0)).collect(),
-            measured_delivered: AtomicU64::new(0),
-            last_delivery_ns: AtomicU64::new(0),
-            publisher_threads: (0..2).map(|_| OnceLock::new()).collect(),
-            waiting: (0..2).map(|_| AtomicBool::new(false)).collect(),
-            stop: AtomicBool::new(false),
-            acked: AtomicU64::new(0),
+        let two = LoadSpec {
+            publishers: 2,
+            subscribers: 2,
+            ..spec(Scenario::P2p)
         };
-        let stamp = |intended: u64, seq: u64, publisher: u32| {
-            let mut b = BytesMut::new();
-            b.put_u64_le(intended);
-            b.put_u64_le(seq);
-            b.put_u32_le(publisher);
-            b.freeze()
-        };
-        let mut out = SubOutcome {
-            latency: new_histogram(),
-            dup_or_reorder: 0,
-            error: None,
-        };
+        let shared = Shared::new(&two, Instant::now(), 1_000);
+        assert_eq!(shared.measure_from_ns, 1_000);
+        assert!(shared.received.is_none());
+        let mut out = sub_outcome();
         let mut next = vec![0u64; 2];
         on_delivery(&stamp(500, 0, 1), 2_000, &shared, &mut next, &mut out); // warm-up
         on_delivery(&stamp(1_500, 1, 1), 4_000, &shared, &mut next, &mut out);
@@ -1436,5 +1589,104 @@ mod tests {
         assert_eq!(out.latency.len(), 2);
         assert_eq!(out.dup_or_reorder, 1);
         assert_eq!(shared.last_delivery_ns.load(Ordering::Relaxed), 4_000);
+        assert_eq!(shared.first_delivery_ns.load(Ordering::Relaxed), 2_000);
+        assert_eq!(shared.drain_delivered(), 3, "untracked: every delivery counts");
+    }
+
+    fn stamp(intended: u64, seq: u64, publisher: u32) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u64_le(intended);
+        b.put_u64_le(seq);
+        b.put_u32_le(publisher);
+        b.freeze()
+    }
+
+    fn sub_outcome() -> SubOutcome {
+        SubOutcome {
+            latency: new_histogram(),
+            dup_or_reorder: 0,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn queue_scenario_topics_and_bounds() {
+        let q = spec(Scenario::Queue);
+        assert_eq!((q.publishers, q.subscribers), (16, 4));
+        assert_eq!(q.publish_topic(3), "t/queue/3");
+        assert_eq!(q.subscribe_filter(2), "$queue/q");
+        assert_eq!(q.fanout_factor(), 1, "competing consumers: one delivery each");
+        assert!(q.tracks_messages() && !spec(Scenario::Shared).tracks_messages());
+        let qos1 = LoadSpec {
+            qos: QoS::AtLeastOnce,
+            ..spec(Scenario::Queue)
+        };
+        assert!(qos1.validate().is_ok());
+        assert!(q.validate().is_err(), "a queue run at QoS 0");
+        let plain = LoadSpec {
+            queue_filter: "bench/#".into(),
+            ..qos1.clone()
+        };
+        assert!(plain.validate().is_err(), "not a queue filter");
+        let backlog_p2p = LoadSpec {
+            backlog: true,
+            ..spec(Scenario::P2p)
+        };
+        assert!(backlog_p2p.validate().is_err());
+        assert!(LoadSpec {
+            backlog: true,
+            ..qos1
+        }
+        .validate()
+        .is_ok());
+    }
+
+    #[test]
+    fn competing_consumers_share_one_record_of_what_was_delivered() {
+        let q = LoadSpec {
+            publishers: 2,
+            messages: 10, // 5 per publisher: room for sequence numbers 0..6
+            ..spec(Scenario::Queue)
+        };
+        let shared = Shared::new(&q, Instant::now(), 0);
+        let (mut a, mut b) = (sub_outcome(), sub_outcome());
+        let (mut next_a, mut next_b) = (vec![0u64; 2], vec![0u64; 2]);
+        on_delivery(&stamp(1, 0, 0), 10, &shared, &mut next_a, &mut a);
+        on_delivery(&stamp(1, 1, 0), 10, &shared, &mut next_b, &mut b);
+        on_delivery(&stamp(1, 0, 1), 10, &shared, &mut next_a, &mut a);
+        // Redelivered to the other consumer: a duplicate, though new to that consumer.
+        on_delivery(&stamp(1, 0, 0), 20, &shared, &mut next_b, &mut b);
+        on_delivery(&stamp(1, 1_000, 1), 20, &shared, &mut next_b, &mut b); // never sent
+        on_delivery(&Bytes::from_static(b"short"), 20, &shared, &mut next_b, &mut b);
+        assert_eq!(shared.drain_delivered(), 3);
+        assert_eq!(shared.duplicate_deliveries.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.malformed_deliveries.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            shared.total_delivered(),
+            5,
+            "the closed-loop window counts every delivery with a stamp"
+        );
+        let mut acked = PubLedger {
+            next_seq: 2,
+            ..PubLedger::default()
+        };
+        acked.ack(0);
+        acked.ack(1);
+        let mut other = PubLedger {
+            next_seq: 2,
+            ..PubLedger::default()
+        };
+        other.ack(0);
+        other.ack(1); // acknowledged, never delivered
+        let sets = shared.received.as_ref().unwrap();
+        let receipts = Receipts {
+            per_publisher: sets.iter().map(AtomicSeqSet::snapshot).collect(),
+            duplicates: shared.duplicate_deliveries.load(Ordering::Relaxed),
+            total: shared.total_delivered(),
+            malformed: shared.malformed_deliveries.load(Ordering::Relaxed),
+        };
+        let v = ledger::verdict(&[acked, other], &receipts);
+        assert_eq!((v.lost, v.duplicates, v.received), (1, 1, 3));
+        assert_eq!(v.lost_examples, vec![(1, 1)]);
     }
 }

@@ -367,6 +367,9 @@ fn load_spec(a: &ScenarioArgs, shards: u16) -> anyhow::Result<LoadSpec> {
         client_prefix: format!("st{tag}"),
         client_rt: a.client_rt,
         persistent_subscribers: a.persistent_subscribers,
+        // Scenario queue: a queue named after the run, bound by its consumers' subscriptions.
+        queue_filter: format!("$queue/st{tag}/stress/{tag}/queue/+"),
+        backlog: false,
         progress: !a.quiet,
         label: String::new(),
     })

@@ -187,13 +187,20 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// A fresh session for an accepted CONNECT (not yet attached).
     pub fn new(negotiated: &Negotiated, limits: &Limits) -> Session {
+        let mut s = Session::blank(&negotiated.client_id, negotiated.protocol, limits, negotiated.session_expiry_secs);
+        s.requested_expiry_zero = negotiated.requested_expiry_zero();
+        s
+    }
+
+    /// A session with nothing in it, offline.
+    fn blank(client_id: &str, protocol: ProtocolVersion, limits: &Limits, session_expiry_secs: u32) -> Session {
         Session {
-            client_id: Arc::from(negotiated.client_id.as_str()),
-            protocol: negotiated.protocol,
+            client_id: Arc::from(client_id),
+            protocol,
             limits: limits.clone(),
             subscriptions: HashMap::new(),
-            session_expiry_secs: negotiated.session_expiry_secs,
-            requested_expiry_zero: negotiated.requested_expiry_zero(),
+            session_expiry_secs,
+            requested_expiry_zero: false,
             inflight_out: VecDeque::new(),
             queue: VecDeque::new(),
             next_msg_id: 0,
@@ -297,29 +304,11 @@ impl Session {
     /// in the queue. The limits apply again (a queue beyond them keeps what fits, oldest first).
     pub fn restore(image: RestoredSession, limits: &Limits) -> Session {
         let protocol = if image.protocol_level == 5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
-        let mut s = Session {
-            client_id: Arc::from(image.client_id.as_str()),
-            protocol,
-            limits: limits.clone(),
-            subscriptions: image.subscriptions.into_iter().collect(),
-            session_expiry_secs: image.session_expiry_secs,
-            requested_expiry_zero: false,
-            inflight_out: VecDeque::new(),
-            queue: VecDeque::new(),
-            next_msg_id: 0,
-            journal: Vec::new(),
-            queued_bytes: 0,
-            next_packet_id: PacketId::new(1).unwrap_or(PacketId(std::num::NonZeroU16::MIN)),
-            qos2_in: image.qos2_in.into_iter().collect(),
-            will: None,
-            pending_will: image.pending_will,
-            expires_at: image.expires_at,
-            online: false,
-            client_receive_maximum: u16::MAX,
-            client_maximum_packet_size: None,
-            topic_aliases: HashMap::new(),
-            stats: SessionStats::default(),
-        };
+        let mut s = Session::blank(&image.client_id, protocol, limits, image.session_expiry_secs);
+        s.subscriptions = image.subscriptions.into_iter().collect();
+        s.qos2_in = image.qos2_in.into_iter().collect();
+        s.pending_will = image.pending_will;
+        s.expires_at = image.expires_at;
         for m in image.messages {
             s.next_msg_id = s.next_msg_id.max(m.msg_id + 1);
             match m.packet_id {

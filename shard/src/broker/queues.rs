@@ -30,6 +30,16 @@ use crate::durable::{self, WallClock};
 use crate::msg::{QueueAdminOp, ShardMsg};
 use crate::signal::{Gather, GatherState};
 
+/// What became of a message for a queue on its owner.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Appended {
+    Stored,
+    /// Full (reject-publish): the publisher is told 0x97.
+    Full,
+    /// No such queue (deleted meanwhile): stored nowhere.
+    NoQueue,
+}
+
 /// A queue declared in the config file (`[[queue]]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueueSpec {
@@ -434,7 +444,9 @@ impl Broker {
     /// that queue alone). With `confirm`, each remote owner answers once the append is durable;
     /// a local refusal (queue full) comes back as `Err`. Returns (matched, answers to expect).
     pub(crate) fn route_to_queues(&self, message: &Message, confirm: Option<u64>, now: Instant) -> Result<(bool, usize), flux_core::mqtt::ReasonCode> {
-        let names: Vec<QueueName> = match queue_topic(message.topic.as_str()) {
+        let direct = queue_topic(message.topic.as_str());
+        let create = direct.is_some();
+        let names: Vec<QueueName> = match direct {
             Some(n) => vec![n],
             None => {
                 let st = self.state.borrow();
@@ -455,12 +467,12 @@ impl Broker {
         for name in &names {
             let owner = self.queue_owner(name);
             if owner == self.me {
-                if !self.queue_append_local(name, message.clone(), now) {
+                if self.queue_append_local(name, message.clone(), now, create) == Appended::Full {
                     refused = Some(flux_core::mqtt::ReasonCode::QuotaExceeded);
                 }
             } else {
                 confirms += usize::from(confirm.is_some());
-                self.mesh.send(owner, ShardMsg::QueueAppend { name: name.clone(), message: message.clone(), confirm });
+                self.mesh.send(owner, ShardMsg::QueueAppend { name: name.clone(), message: message.clone(), confirm, create });
             }
         }
         match refused {
@@ -469,21 +481,26 @@ impl Broker {
         }
     }
 
-    /// On the owner: append (creating a `$queue/<name>` target on first use). False when full.
-    fn queue_append_local(&self, name: &QueueName, message: Message, now: Instant) -> bool {
+    /// On the owner: append (with `create`, making the queue on first use).
+    fn queue_append_local(&self, name: &QueueName, message: Message, now: Instant, create: bool) -> Appended {
         if !self.state.borrow().owned_queues.contains_key(name) {
+            if !create {
+                return Appended::NoQueue;
+            }
             self.ensure_owned_queue(name, None);
         }
         let ok = {
             let mut st = self.state.borrow_mut();
-            let Some(q) = st.owned_queues.get_mut(name) else { return false };
+            let Some(q) = st.owned_queues.get_mut(name) else { return Appended::NoQueue };
             q.queue.publish(message, now).is_ok()
         };
-        if !ok {
-            tracing::debug!(queue = %name, "queue full; publish refused");
-        }
         self.pump_queue(name, now);
-        ok
+        if ok {
+            Appended::Stored
+        } else {
+            tracing::debug!(queue = %name, "queue full; publish refused");
+            Appended::Full
+        }
     }
 
     /// Write the queue's journal, hand out what its consumers have room for, and move its dead
@@ -523,9 +540,9 @@ impl Broker {
     fn route_to_queues_named(&self, target: &QueueName, message: Message, now: Instant) -> bool {
         let owner = self.queue_owner(target);
         if owner == self.me {
-            self.queue_append_local(target, message, now)
+            self.queue_append_local(target, message, now, true) == Appended::Stored
         } else {
-            self.mesh.send(owner, ShardMsg::QueueAppend { name: target.clone(), message, confirm: None });
+            self.mesh.send(owner, ShardMsg::QueueAppend { name: target.clone(), message, confirm: None, create: true });
             true
         }
     }
@@ -608,7 +625,7 @@ impl Broker {
                     self.mesh.send(from, ShardMsg::Ack { req });
                 }
             }
-            ShardMsg::QueueAppend { name, message, confirm } => {
+            ShardMsg::QueueAppend { name, message, confirm, create } => {
                 let mark = self.mark();
                 if self.queue_owner(&name) != self.me {
                     tracing::error!(queue = %name, "queue append sent to a shard that does not own the queue");
@@ -617,12 +634,11 @@ impl Broker {
                     }
                     return;
                 }
-                let ok = self.queue_append_local(&name, message, now);
+                let outcome = self.queue_append_local(&name, message, now, create);
                 if let Some(req) = confirm {
-                    if ok {
-                        self.confirm(from, req, mark);
-                    } else {
-                        self.mesh.send(from, ShardMsg::Failed { req, quota: true });
+                    match outcome {
+                        Appended::Full => self.mesh.send(from, ShardMsg::Failed { req, quota: true }),
+                        Appended::Stored | Appended::NoQueue => self.confirm(from, req, mark),
                     }
                 }
             }
@@ -686,15 +702,7 @@ impl Broker {
                     return Err(format!("no queue {name}"));
                 };
                 self.append(Record::QueueDelete { name: name.as_str().to_owned() });
-                for f in &q.filters {
-                    self.state.borrow_mut().queue_routes.remove(f, name);
-                    for i in 0..self.shard_count {
-                        let shard = ShardId(i);
-                        if shard != self.me {
-                            self.mesh.send(shard, ShardMsg::QueueUnbind { name: name.clone(), filter: f.clone() });
-                        }
-                    }
-                }
+                self.unbind_everywhere(name, &q.filters);
                 tracing::info!(queue = %name, depth = q.queue.depth(), "queue deleted");
                 Ok(q.queue.depth() as u64)
             }
@@ -706,15 +714,7 @@ impl Broker {
                     declare_record(q)
                 };
                 self.append(record);
-                for f in &filters {
-                    self.state.borrow_mut().queue_routes.remove(f, name);
-                    for i in 0..self.shard_count {
-                        let shard = ShardId(i);
-                        if shard != self.me {
-                            self.mesh.send(shard, ShardMsg::QueueUnbind { name: name.clone(), filter: f.clone() });
-                        }
-                    }
-                }
+                self.unbind_everywhere(name, &filters);
                 Ok(filters.len() as u64)
             }
             QueueAdminOp::Purge => {
@@ -726,6 +726,21 @@ impl Broker {
                 self.pump_queue(name, now);
                 tracing::info!(queue = %name, removed, "queue purged");
                 Ok(removed as u64)
+            }
+        }
+    }
+
+    /// Remove bindings here and on every other shard (no acknowledgement: a publish that still
+    /// reaches the owner of a deleted queue is answered as stored nowhere, one that reaches an
+    /// unbound queue is still stored, harmlessly).
+    fn unbind_everywhere(&self, name: &QueueName, filters: &[TopicFilter]) {
+        for f in filters {
+            self.state.borrow_mut().queue_routes.remove(f, name);
+            for i in 0..self.shard_count {
+                let shard = ShardId(i);
+                if shard != self.me {
+                    self.mesh.send(shard, ShardMsg::QueueUnbind { name: name.clone(), filter: f.clone() });
+                }
             }
         }
     }
