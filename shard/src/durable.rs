@@ -351,8 +351,13 @@ impl ShardLog {
         }
     }
 
+    /// A checkpoint starts or ends. While it runs, its copy (bounded by the live state, which
+    /// is in memory anyway) does not count against ordinary appends' pending limit: those are
+    /// held back by their acknowledgements instead (fsync waits for commits; interval waits
+    /// beyond 8 MiB behind).
     pub fn set_checkpointing(&self, on: bool) {
         self.checkpointing.set(on);
+        self.wal.set_pending_allowance(if on { usize::MAX / 4 } else { 0 });
     }
 
     /// A checkpoint that rewrote `live_bytes` starting at `start` is committed: delete the

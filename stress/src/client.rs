@@ -166,6 +166,30 @@ pub fn subscribe(
     qos: flux_core::mqtt::QoS,
     timeout: Duration,
 ) -> anyhow::Result<()> {
+    subscribe_inner(reader, writer, filter, qos, timeout, false).map(|_| ())
+}
+
+/// SUBSCRIBE to one filter and wait for its SUBACK, keeping the PUBLISH packets that arrive
+/// before it (a server may send matching messages before the SUBACK, MQTT 3.1.1 3.8.4 / 5.0
+/// 3.8.4: a durable queue with a backlog does): the caller handles (and acknowledges) them first.
+pub fn subscribe_keeping_publishes(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    filter: &str,
+    qos: flux_core::mqtt::QoS,
+    timeout: Duration,
+) -> anyhow::Result<Vec<Packet>> {
+    subscribe_inner(reader, writer, filter, qos, timeout, true)
+}
+
+fn subscribe_inner(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    filter: &str,
+    qos: flux_core::mqtt::QoS,
+    timeout: Duration,
+    keep_publishes: bool,
+) -> anyhow::Result<Vec<Packet>> {
     let packet_id = PacketId::new(1).context("packet id")?;
     writer.push(&Packet::Subscribe(Subscribe {
         packet_id,
@@ -174,16 +198,22 @@ pub fn subscribe(
     }));
     writer.flush()?;
     reader.stream.set_read_timeout(Some(timeout))?;
-    let result = match reader.recv().context("reading SUBACK")? {
-        Some(Packet::SubAck(ack)) => match ack.reasons.first() {
-            Some(code) if (*code as u8) < 0x80 => Ok(()),
-            other => Err(anyhow::anyhow!("SUBACK for {filter} refused: {other:?}")),
-        },
-        Some(other) => Err(anyhow::anyhow!(
-            "expected SUBACK, got {:?}",
-            other.packet_type()
-        )),
-        None => Err(anyhow::anyhow!("connection closed before SUBACK")),
+    let mut early = Vec::new();
+    let result = loop {
+        match reader.recv().context("reading SUBACK")? {
+            Some(Packet::SubAck(ack)) => match ack.reasons.first() {
+                Some(code) if !code.is_error() => break Ok(early),
+                other => break Err(anyhow::anyhow!("SUBACK for {filter} refused: {other:?}")),
+            },
+            Some(p @ Packet::Publish(_)) if keep_publishes => early.push(p),
+            Some(other) => {
+                break Err(anyhow::anyhow!(
+                    "expected SUBACK, got {:?}",
+                    other.packet_type()
+                ))
+            }
+            None => break Err(anyhow::anyhow!("connection closed before SUBACK")),
+        }
     };
     reader.stream.set_read_timeout(None)?;
     result

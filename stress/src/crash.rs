@@ -316,7 +316,7 @@ fn on_ack(
 ) {
     if let Packet::PubAck(r) = packet {
         match outstanding.remove(&r.packet_id.get()) {
-            Some(seq) if (r.reason as u8) < 0x80 => {
+            Some(seq) if !r.reason.is_error() => {
                 ledger.ack(seq);
                 job.acked.fetch_add(1, Ordering::Relaxed);
             }

@@ -651,6 +651,25 @@ mod tests {
     }
 
     #[test]
+    fn broker_warnings_skip_the_memlock_note_and_keep_the_first_ten() {
+        let mut log = String::from(
+            "2026-12-01T20:09:21Z  WARN flux_shard::executor: RLIMIT_MEMLOCK cannot cover it\n\
+             2026-12-01T20:09:21Z  INFO fluxd: effective config\n",
+        );
+        for i in 0..12 {
+            log.push_str(&format!(
+                "2026-12-01T20:09:28Z  WARN flux_shard::broker: refused {i}\n"
+            ));
+        }
+        log.push_str("2026-12-01T20:09:29Z ERROR flux_shard::durable: WAL append refused\n");
+        let (first, count) = broker_warnings(&log);
+        assert_eq!(count, 13);
+        assert_eq!(first.len(), 10);
+        assert!(first[0].ends_with("refused 0"));
+        assert_eq!(broker_warnings("INFO only\n"), (vec![], 0));
+    }
+
+    #[test]
     fn schedule_interleaves_modes_and_alternates_the_first() {
         let s = spec();
         let sched = s.schedule();

@@ -58,6 +58,12 @@ const FLUSH_BYTES: usize = 16 * 1024;
 /// Closed loop: a window that makes no progress for this long is taken as lost messages (QoS 0
 /// may be dropped by a broker) and reopened, so a run never hangs on a loss.
 const WINDOW_STALL: Duration = Duration::from_millis(200);
+/// Backlog: pause between the last acknowledgement and reading the broker's RSS (commits and a
+/// checkpoint in progress settle).
+const BACKLOG_SETTLE: Duration = Duration::from_millis(500);
+/// Tracked messages: the drain ends once every acknowledged message may have been delivered and
+/// nothing arrived for this long (what was never acknowledged may never come).
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
 /// Session Expiry Interval asked for by persistent subscribers in MQTT 5.
 pub const PERSISTENT_SESSION_EXPIRY_SECS: u32 = 3600;
 
@@ -205,7 +211,9 @@ impl LoadSpec {
         }
         if self.scenario == Scenario::Queue {
             if !self.queue_filter.starts_with("$queue/") && !self.queue_filter.starts_with("$q/") {
-                bail!("the queue scenario needs a $queue/<name>[/<filter>] or $q/<filter> to consume");
+                bail!(
+                    "the queue scenario needs a $queue/<name>[/<filter>] or $q/<filter> to consume"
+                );
             }
             if self.qos == QoS::AtMostOnce {
                 bail!("the queue scenario is QoS 1 or 2 (a queue stores what it acknowledges)");
@@ -335,7 +343,7 @@ pub struct LoadResult {
     pub subscribers: usize,
     pub offered_rate_per_sec: Option<f64>,
     pub window: Option<usize>,
-    /// "count" or "time": which bound ended the send phase.
+    /// "count" or "time": which bound ended the send phase ("error": a publisher ended on one).
     pub stopped_by: String,
     pub sent: u64,
     pub expected_deliveries: u64,
@@ -360,7 +368,8 @@ pub struct LoadResult {
     /// Subscribers held persistent sessions.
     #[serde(default)]
     pub persistent_subscribers: bool,
-    /// QoS 1/2: PUBACKs (PUBCOMPs) received, whole run.
+    /// QoS 1/2: PUBACKs (PUBCOMPs) received that accept their publish (reason code below 0x80;
+    /// the others are `refused`), whole run; the figures below count and time these alone.
     #[serde(default)]
     pub acked: u64,
     /// QoS 1/2: acknowledgements of publishes written in the measured window (from the warm-up on).
@@ -383,6 +392,10 @@ pub struct LoadResult {
     /// Scenario queue with `backlog`: the fill (no consumer) and the drain.
     #[serde(default)]
     pub backlog: Option<BacklogFigures>,
+    /// What went wrong in the clients (a connection the broker closed, a consumer that could not
+    /// attach, ...), first 20.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 /// The two phases of a backlog run: publishing into a queue nobody consumes, then draining it.
@@ -399,7 +412,7 @@ pub struct BacklogFigures {
     pub rss_after_fill_bytes: Option<u64>,
     /// (after - before) / acknowledged publishes.
     pub rss_bytes_per_message: Option<f64>,
-    /// Broker CPU from the common start to the attach, per acknowledged publish.
+    /// Broker CPU from before the first publish to the attach, per acknowledged publish.
     pub fill_cpu_us_per_msg: Option<f64>,
     /// Connecting and subscribing the consumers, seconds.
     pub attach_secs: f64,
@@ -440,6 +453,10 @@ struct Shared {
     malformed_deliveries: AtomicU64,
     /// Earliest delivery (ns since epoch; u64::MAX: none yet).
     first_delivery_ns: AtomicU64,
+    /// Per publisher: its ack reader ended (the connection is closed).
+    ack_reader_done: Vec<AtomicBool>,
+    /// Acknowledgements with a failure reason code, all publishers.
+    refused: AtomicU64,
 }
 
 impl Shared {
@@ -502,7 +519,16 @@ impl Shared {
             duplicate_deliveries: AtomicU64::new(0),
             malformed_deliveries: AtomicU64::new(0),
             first_delivery_ns: AtomicU64::new(u64::MAX),
+            ack_reader_done: (0..n).map(|_| AtomicBool::new(false)).collect(),
+            refused: AtomicU64::new(0),
         }
+    }
+
+    /// Acknowledgements may still come: some publisher's connection is open.
+    fn acks_may_come(&self) -> bool {
+        self.ack_reader_done
+            .iter()
+            .any(|d| !d.load(Ordering::Acquire))
     }
 }
 
@@ -614,12 +640,17 @@ impl AckOutcome {
     }
 }
 
+/// A subscriber's connection: both halves, and the PUBLISH packets that arrived before its SUBACK.
+type Connected = (Reader, Writer, Vec<Packet>);
+/// Connected subscribers and their home shards.
+type Subscribers = (Vec<Connected>, Vec<u16>);
+
 /// Subscribers' connections, each SUBACKed before the next connects, and their home shards.
 fn connect_subscribers(
     spec: &LoadSpec,
     target: Target,
     timeout: Duration,
-) -> anyhow::Result<(Vec<(Reader, Writer)>, Vec<u16>)> {
+) -> anyhow::Result<Subscribers> {
     let n = spec.publishers;
     let mut subscribers = Vec::with_capacity(spec.subscribers);
     let mut shards = Vec::with_capacity(spec.subscribers);
@@ -636,15 +667,22 @@ fn connect_subscribers(
             opts = opts.persistent(PERSISTENT_SESSION_EXPIRY_SECS);
         }
         let (mut reader, mut writer, _) = client::connect(&opts)?;
-        client::subscribe(
-            &mut reader,
-            &mut writer,
-            &spec.subscribe_filter(j),
-            spec.qos,
-            timeout,
-        )
+        let filter = spec.subscribe_filter(j);
+        // A queue with a backlog may deliver before the SUBACK; elsewhere nothing publishes
+        // before every subscriber is ready, so anything first is an error.
+        let early = if spec.scenario == Scenario::Queue {
+            client::subscribe_keeping_publishes(
+                &mut reader,
+                &mut writer,
+                &filter,
+                spec.qos,
+                timeout,
+            )
+        } else {
+            client::subscribe(&mut reader, &mut writer, &filter, spec.qos, timeout).map(|()| vec![])
+        }
         .with_context(|| format!("subscriber {id}"))?;
-        subscribers.push((reader, writer));
+        subscribers.push((reader, writer, early));
         shards.push(shard);
     }
     Ok((subscribers, shards))
@@ -652,13 +690,13 @@ fn connect_subscribers(
 
 /// One thread per subscriber; returns the streams that close them and their handles.
 fn spawn_subscribers(
-    subscribers: Vec<(Reader, Writer)>,
+    subscribers: Vec<Connected>,
     shared: &Arc<Shared>,
     spec: &LoadSpec,
 ) -> anyhow::Result<(Vec<TcpStream>, Vec<JoinHandle<SubOutcome>>)> {
     let mut closers = Vec::with_capacity(subscribers.len());
     let mut threads = Vec::with_capacity(subscribers.len());
-    for (j, (reader, writer)) in subscribers.into_iter().enumerate() {
+    for (j, (reader, writer, early)) in subscribers.into_iter().enumerate() {
         closers.push(reader.stream().try_clone()?);
         let shared = shared.clone();
         let publishers = spec.publishers;
@@ -666,7 +704,7 @@ fn spawn_subscribers(
         threads.push(
             thread::Builder::new()
                 .name(format!("sub{j}"))
-                .spawn(move || subscriber_main(reader, writer, &shared, publishers, rt))?,
+                .spawn(move || subscriber_main(reader, writer, early, &shared, publishers, rt))?,
         );
     }
     Ok((closers, threads))
@@ -719,6 +757,7 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         publisher_shards.push(shard);
     }
     let rss_before = target.pid.and_then(stats::process_rss_bytes);
+    let cpu_before = target.pid.and_then(stats::process_cpu);
 
     // Publishing starts at the same instant for everyone, a little after the threads exist.
     let epoch = Instant::now();
@@ -764,9 +803,7 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
             mode: spec.mode,
             // Backlog: nobody consumes during the send phase, so no end-to-end window.
             window: match spec.mode {
-                Mode::Max { window } if !spec.backlog => {
-                    Some(window as u64 * spec.fanout_factor())
-                }
+                Mode::Max { window } if !spec.backlog => Some(window as u64 * spec.fanout_factor()),
                 _ => None,
             },
             publishers: n,
@@ -805,8 +842,8 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
     // here is a backstop against a publisher stuck in a write.
     let hard_stop = Instant::now() + spec.duration + Duration::from_secs(1);
     let mut last_report = Instant::now();
-    let mut last_delivered = 0u64;
-    let mut last_acked = 0u64;
+    let mut last_delivered = shared.total_delivered();
+    let mut last_acked = shared.acked.load(Ordering::Relaxed);
     while pub_threads.iter().any(|t| !t.is_finished()) {
         if Instant::now() >= hard_stop {
             shared.stop.store(true, Ordering::Release);
@@ -844,6 +881,8 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
             Err(_) => errors.push("publisher thread panicked".into()),
         }
     }
+    // (A refused SCHED_FIFO is a note, not a failure.)
+    let publisher_failed = errors.iter().any(|e: &String| !e.starts_with("SCHED_FIFO"));
 
     let expected_acks = if spec.qos == QoS::AtMostOnce {
         0
@@ -855,14 +894,17 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
     let mut drain_from = None;
     if spec.backlog {
         wait_while(Instant::now() + spec.drain, || {
-            shared.acked.load(Ordering::Acquire) < expected_acks
+            shared.acked.load(Ordering::Acquire) < expected_acks && shared.acks_may_come()
         });
+        // Let the broker settle (commits, checkpoint) before reading its memory.
+        thread::sleep(BACKLOG_SETTLE);
         let filled_ns = shared.now_ns();
         let cpu_filled = target.pid.and_then(stats::process_cpu);
         let rss_filled = target.pid.and_then(stats::process_rss_bytes);
-        let acked = shared.acked.load(Ordering::Acquire);
+        let acked = shared.acked.load(Ordering::Acquire) - shared.refused.load(Ordering::Acquire);
         let attach = Instant::now();
         let attach_ns = shared.now_ns();
+        let delivered_at_attach = shared.drain_delivered();
         match connect_subscribers(spec, target, timeout)
             .and_then(|(subs, shards)| Ok((spawn_subscribers(subs, &shared, spec)?, shards)))
         {
@@ -888,19 +930,32 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
                 (Some(a), Some(b)) if acked > 0 => Some((b as f64 - a as f64) / acked as f64),
                 _ => None,
             },
-            fill_cpu_us_per_msg: cpu_us_between(cpu_start, cpu_filled)
+            fill_cpu_us_per_msg: cpu_us_between(cpu_before, cpu_filled)
                 .filter(|_| acked > 0)
                 .map(|c| c / acked as f64),
             attach_secs: attach.elapsed().as_secs_f64(),
             ..BacklogFigures::default()
         });
-        drain_from = Some((attach_ns, cpu_filled, shared.drain_delivered()));
+        drain_from = Some((attach_ns, cpu_filled, delivered_at_attach));
     }
 
     // Drain: wait for what is in flight (deliveries, and acknowledgements at QoS 1/2), bounded.
     let expected = shared.total_sent() * spec.fanout_factor();
+    // Tracked messages: publishes never acknowledged (refused, or on a connection the broker
+    // closed) may never arrive; once every acknowledged one could have and deliveries stop for
+    // DRAIN_QUIET, the wait is over.
+    let mut progress = (shared.drain_delivered(), Instant::now());
     wait_while(Instant::now() + spec.drain, || {
-        shared.drain_delivered() < expected || shared.acked.load(Ordering::Acquire) < expected_acks
+        let delivered = shared.drain_delivered();
+        let acked = shared.acked.load(Ordering::Acquire);
+        let acks_pending = acked < expected_acks && shared.acks_may_come();
+        if delivered != progress.0 {
+            progress = (delivered, Instant::now());
+        }
+        let accepted = acked - shared.refused.load(Ordering::Acquire).min(acked);
+        let quiet =
+            track && !acks_pending && delivered >= accepted && progress.1.elapsed() >= DRAIN_QUIET;
+        (delivered < expected || acks_pending) && !quiet
     });
     let cpu_end = target.pid.and_then(stats::process_cpu);
     let rss = target.pid.and_then(stats::process_rss_bytes);
@@ -967,7 +1022,10 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
     let ledger = match &shared.received {
         Some(sets) if ledgers.len() == n => {
             let receipts = Receipts {
-                per_publisher: sets.iter().map(AtomicSeqSet::snapshot).collect::<Vec<SeqSet>>(),
+                per_publisher: sets
+                    .iter()
+                    .map(AtomicSeqSet::snapshot)
+                    .collect::<Vec<SeqSet>>(),
                 duplicates: shared.duplicate_deliveries.load(Ordering::Acquire),
                 total: delivered,
                 malformed: shared.malformed_deliveries.load(Ordering::Acquire),
@@ -1006,7 +1064,14 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
             Mode::Max { window } => Some(window),
             Mode::Fixed { .. } => None,
         },
-        stopped_by: if stopped_by_time { "time" } else { "count" }.into(),
+        stopped_by: if publisher_failed {
+            "error"
+        } else if stopped_by_time {
+            "time"
+        } else {
+            "count"
+        }
+        .into(),
         sent: shared.total_sent(),
         expected_deliveries: expected,
         delivered,
@@ -1041,6 +1106,7 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         refused: acks.refused,
         ledger,
         backlog,
+        warnings: errors.into_iter().take(20).collect(),
     })
 }
 
@@ -1187,6 +1253,15 @@ fn publisher_main(
                 if shared.stop.load(Ordering::Acquire) {
                     break;
                 }
+                if shared.ack_reader_done[i].load(Ordering::Acquire) {
+                    // Nothing will free a slot: the broker closed the connection (MQTT 3.1.1
+                    // answers a refused publish so).
+                    out.error = Some(format!(
+                        "publisher {i}: the broker closed the connection with {} publishes unacknowledged",
+                        outstanding.load(Ordering::Acquire)
+                    ));
+                    return finish(out, send_lag);
+                }
                 shared.waiting[i].store(true, Ordering::Release);
                 thread::park_timeout(Duration::from_millis(1));
             }
@@ -1279,9 +1354,31 @@ fn finish(mut out: PubOutcome, send_lag: Histogram<u64>) -> PubOutcome {
     out
 }
 
+/// A PUBACK/PUBCOMP acknowledges unless its reason code is an error (0x80 and up, by wire value:
+/// `ReasonCode as u8` is the variant's ordinal, never 0x80).
+fn ack_accepted(reason: flux_core::mqtt::ReasonCode) -> bool {
+    !reason.is_error()
+}
+
 /// Reads a publisher's acknowledgements: PUBACK/PUBCOMP free an inflight slot, PUBREC is
-/// answered with PUBREL.
+/// answered with PUBREL. Marks the publisher's connection closed when it ends.
 fn ack_reader_main(
+    reader: Reader,
+    writer: &Mutex<Writer>,
+    outstanding: &AtomicU32,
+    clock: &AckClock,
+    shared: &Shared,
+    index: usize,
+    client_rt: bool,
+) -> AckOutcome {
+    let out = ack_reader_loop(reader, writer, outstanding, clock, shared, index, client_rt);
+    shared.ack_reader_done[index].store(true, Ordering::Release);
+    shared.waiting[index].store(true, Ordering::Release);
+    shared.wake_publisher(index);
+    out
+}
+
+fn ack_reader_loop(
     mut reader: Reader,
     writer: &Mutex<Writer>,
     outstanding: &AtomicU32,
@@ -1301,8 +1398,14 @@ fn ack_reader_main(
             Packet::PubAck(r) | Packet::PubComp(r) => {
                 let now = shared.now_ns();
                 let id = r.packet_id.get();
-                out.record(clock.take(id), now, shared.measure_from_ns);
-                out.account(clock.take_seq(id), (r.reason as u8) < 0x80);
+                let sent = clock.take(id);
+                let accepted = ack_accepted(r.reason);
+                if accepted {
+                    out.record(sent, now, shared.measure_from_ns);
+                } else {
+                    shared.refused.fetch_add(1, Ordering::AcqRel);
+                }
+                out.account(clock.take_seq(id), accepted);
                 shared.acked.fetch_add(1, Ordering::AcqRel);
                 outstanding.fetch_sub(1, Ordering::AcqRel);
                 shared.wake_publisher(index);
@@ -1320,9 +1423,11 @@ fn ack_reader_main(
     }
 }
 
+/// `early`: PUBLISH packets that arrived before the SUBACK (handled first, timed now).
 fn subscriber_main(
     mut reader: Reader,
     mut writer: Writer,
+    early: Vec<Packet>,
     shared: &Shared,
     publishers: usize,
     client_rt: bool,
@@ -1333,6 +1438,22 @@ fn subscriber_main(
         error: set_realtime(client_rt),
     };
     let mut next_seq = vec![0u64; publishers];
+    let mut on_packet = |packet: Packet, writer: &mut Writer, out: &mut SubOutcome| match packet {
+        Packet::Publish(p) => {
+            let now = shared.now_ns();
+            on_delivery(&p.payload, now, shared, &mut next_seq, out);
+            match (p.qos, p.packet_id) {
+                (QoS::AtLeastOnce, Some(id)) => writer.push(&Packet::PubAck(PubResp::success(id))),
+                (QoS::ExactlyOnce, Some(id)) => writer.push(&Packet::PubRec(PubResp::success(id))),
+                _ => {}
+            }
+        }
+        Packet::PubRel(r) => writer.push(&Packet::PubComp(PubResp::success(r.packet_id))),
+        _ => {}
+    };
+    for p in early {
+        on_packet(p, &mut writer, &mut out);
+    }
     loop {
         loop {
             let packet = match reader.try_decode() {
@@ -1343,23 +1464,7 @@ fn subscriber_main(
                     return out;
                 }
             };
-            match packet {
-                Packet::Publish(p) => {
-                    let now = shared.now_ns();
-                    on_delivery(&p.payload, now, shared, &mut next_seq, &mut out);
-                    match (p.qos, p.packet_id) {
-                        (QoS::AtLeastOnce, Some(id)) => {
-                            writer.push(&Packet::PubAck(PubResp::success(id)))
-                        }
-                        (QoS::ExactlyOnce, Some(id)) => {
-                            writer.push(&Packet::PubRec(PubResp::success(id)))
-                        }
-                        _ => {}
-                    }
-                }
-                Packet::PubRel(r) => writer.push(&Packet::PubComp(PubResp::success(r.packet_id))),
-                _ => {}
-            }
+            on_packet(packet, &mut writer, &mut out);
         }
         if writer.flush().is_err() {
             return out;
@@ -1485,7 +1590,11 @@ mod tests {
         assert_eq!(out.latency.max(), out.latency.highest_equivalent(1_000));
         assert_eq!(clock.take(2), Some(500));
         assert_eq!(clock.take(2), None);
-        assert_eq!(clock.take_seq(2), None, "sequence numbers only when tracked");
+        assert_eq!(
+            clock.take_seq(2),
+            None,
+            "sequence numbers only when tracked"
+        );
     }
 
     #[test]
@@ -1502,7 +1611,12 @@ mod tests {
         let l = out.ledger.as_ref().unwrap();
         assert_eq!(l.acked.iter().collect::<Vec<_>>(), vec![1, 70_000]);
         assert_eq!((l.refused, l.unexpected_acks, out.refused), (1, 1, 1));
-        // Untracked: refusals are still counted.
+        use flux_core::mqtt::ReasonCode;
+        assert!(ack_accepted(ReasonCode::Success));
+        assert!(ack_accepted(ReasonCode::NoMatchingSubscribers)); // 0x10: taken, nobody there
+        assert!(!ack_accepted(ReasonCode::UnspecifiedError)); // 0x80
+        assert!(!ack_accepted(ReasonCode::QuotaExceeded)); // 0x97
+                                                           // Untracked: refusals are still counted.
         let mut plain = AckOutcome::new(false);
         plain.account(None, false);
         assert!(plain.ledger.is_none());
@@ -1590,7 +1704,11 @@ mod tests {
         assert_eq!(out.dup_or_reorder, 1);
         assert_eq!(shared.last_delivery_ns.load(Ordering::Relaxed), 4_000);
         assert_eq!(shared.first_delivery_ns.load(Ordering::Relaxed), 2_000);
-        assert_eq!(shared.drain_delivered(), 3, "untracked: every delivery counts");
+        assert_eq!(
+            shared.drain_delivered(),
+            3,
+            "untracked: every delivery counts"
+        );
     }
 
     fn stamp(intended: u64, seq: u64, publisher: u32) -> Bytes {
@@ -1615,7 +1733,11 @@ mod tests {
         assert_eq!((q.publishers, q.subscribers), (16, 4));
         assert_eq!(q.publish_topic(3), "t/queue/3");
         assert_eq!(q.subscribe_filter(2), "$queue/q");
-        assert_eq!(q.fanout_factor(), 1, "competing consumers: one delivery each");
+        assert_eq!(
+            q.fanout_factor(),
+            1,
+            "competing consumers: one delivery each"
+        );
         assert!(q.tracks_messages() && !spec(Scenario::Shared).tracks_messages());
         let qos1 = LoadSpec {
             qos: QoS::AtLeastOnce,
@@ -1657,7 +1779,13 @@ mod tests {
         // Redelivered to the other consumer: a duplicate, though new to that consumer.
         on_delivery(&stamp(1, 0, 0), 20, &shared, &mut next_b, &mut b);
         on_delivery(&stamp(1, 1_000, 1), 20, &shared, &mut next_b, &mut b); // never sent
-        on_delivery(&Bytes::from_static(b"short"), 20, &shared, &mut next_b, &mut b);
+        on_delivery(
+            &Bytes::from_static(b"short"),
+            20,
+            &shared,
+            &mut next_b,
+            &mut b,
+        );
         assert_eq!(shared.drain_delivered(), 3);
         assert_eq!(shared.duplicate_deliveries.load(Ordering::Relaxed), 1);
         assert_eq!(shared.malformed_deliveries.load(Ordering::Relaxed), 2);

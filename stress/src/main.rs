@@ -8,6 +8,9 @@
 //!   `interval`, at several publisher counts (see `durable.rs`).
 //! - `crash`: load, kill -9, restart, verify that every acknowledged message and the retained
 //!   message survived (see `crash.rs`).
+//! - `queue`: fluxd durable queue throughput, confirm and end-to-end latency at several consumer
+//!   counts, every acknowledged message accounted for; `--backlog N` for memory per queued
+//!   message and the drain rate (see `queue.rs`).
 
 mod brokers;
 mod client;
@@ -18,6 +21,7 @@ mod idle;
 mod ledger;
 mod load;
 mod plot;
+mod queue;
 mod stats;
 
 use std::net::SocketAddr;
@@ -54,6 +58,92 @@ enum Command {
     Durable(DurableArgs),
     /// Load, kill -9 fluxd at random moments, restart, verify no acknowledged message was lost.
     Crash(CrashArgs),
+    /// fluxd durable queue: publishers -> one queue -> competing consumers; throughput, confirm
+    /// and end-to-end latency, losses (`--backlog N`: fill first, then drain).
+    Queue(QueueArgs),
+}
+
+#[derive(Args)]
+struct QueueArgs {
+    /// QoS 1 publishers, all on topics bound to the queue.
+    #[arg(long, default_value_t = 16)]
+    publishers: usize,
+    /// Consumer counts, one case (per round) each; the consumers compete on `$queue/<name>`.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    consumers: Vec<usize>,
+    /// Rounds (each runs every consumer count; the first count rotates).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Unacknowledged publishes per publisher.
+    #[arg(long, default_value_t = 16)]
+    inflight: u16,
+    /// Undelivered messages per publisher (closed loop, counted at the consumers).
+    #[arg(long, default_value_t = 1000)]
+    window: usize,
+    #[arg(long, default_value_t = 64)]
+    payload_bytes: usize,
+    #[arg(long)]
+    mqtt_v5: bool,
+    #[arg(long, value_enum, default_value_t = Placement::Spread)]
+    placement: Placement,
+    /// Send phase per case, seconds.
+    #[arg(long, default_value_t = 6.0)]
+    duration_secs: f64,
+    /// Start of each case not measured, seconds.
+    #[arg(long, default_value_t = 1.0)]
+    warmup_secs: f64,
+    /// Wait for unacknowledged and undelivered messages after each case, seconds (bound).
+    #[arg(long, default_value_t = 5.0)]
+    drain_secs: f64,
+    /// Message bound per case (all publishers).
+    #[arg(long, default_value_t = 5_000_000)]
+    messages: u64,
+    /// Instead of live cases: publish this many messages with no consumer attached (fluxd RSS
+    /// before and after), then attach the consumers and time the drain.
+    #[arg(long)]
+    backlog: Option<u64>,
+    /// Backlog: bound on the fill, and on the drain, seconds (at most 60).
+    #[arg(long, default_value_t = 60.0)]
+    backlog_secs: f64,
+    /// fluxd durability mode (fluxd's default: fsync).
+    #[arg(long, value_enum, default_value_t = Durability::Fsync)]
+    durability: Durability,
+    #[arg(long)]
+    flush_interval_ms: Option<u32>,
+    #[arg(long)]
+    segment_size_bytes: Option<u64>,
+    /// Queue name (declared in the generated fluxd.toml, bound to `bench/#`).
+    #[arg(long, default_value = "bench")]
+    queue_name: String,
+    /// `[[queue]] prefetch`: unacknowledged deliveries per consumer (fluxd caps it by
+    /// --broker-inflight, its max_inflight_messages).
+    #[arg(long, default_value_t = 256)]
+    prefetch: u16,
+    /// `[[queue]] max_messages`.
+    #[arg(long, default_value_t = 10_000_000)]
+    queue_max_messages: u64,
+    /// `[[queue]] max_bytes`.
+    #[arg(long, default_value_t = 4 << 30)]
+    queue_max_bytes: u64,
+    /// write+fdatasync rounds of the disk probe before the cases (0 skips it).
+    #[arg(long, default_value_t = 200)]
+    probe_syncs: usize,
+    #[command(flatten)]
+    paths: BrokerPaths,
+    /// fluxd shards.
+    #[arg(long, default_value_t = 2)]
+    shards: u16,
+    /// fluxd max_inflight_messages (also the cap on each consumer's prefetch).
+    #[arg(long, default_value_t = 256)]
+    broker_inflight: u16,
+    /// Write the JSON report here (default: stdout, after the table).
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Keep each case's fluxd log in this directory.
+    #[arg(long)]
+    keep_logs: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -465,6 +555,14 @@ fn main() -> anyhow::Result<()> {
                     result.expected_deliveries
                 );
             }
+            // Scenario queue: the per-message verdict (acknowledged, never consumed).
+            if let Some(v) = result.ledger.as_ref().filter(|v| v.lost > 0) {
+                bail!(
+                    "{} acknowledged messages never consumed, e.g. (publisher, seq) {:?}",
+                    v.lost,
+                    v.lost_examples
+                );
+            }
         }
         Command::Idle(a) => {
             let (target, mut broker, name) = resolve_target(&a.target, a.mqtt_v5)?;
@@ -554,6 +652,43 @@ fn main() -> anyhow::Result<()> {
                 command_line: std::env::args().collect::<Vec<_>>().join(" "),
             };
             durable::run(&spec, a.json.as_ref())?;
+        }
+        Command::Queue(a) => {
+            let spec = queue::QueueSpec {
+                publishers: a.publishers,
+                consumer_counts: a.consumers.clone(),
+                rounds: a.rounds,
+                inflight: a.inflight,
+                window: a.window,
+                payload_bytes: a.payload_bytes,
+                mqtt_v5: a.mqtt_v5,
+                placement: a.placement,
+                duration: secs(a.duration_secs, "--duration-secs")?,
+                warmup: secs(a.warmup_secs, "--warmup-secs")?,
+                drain: secs(a.drain_secs, "--drain-secs")?,
+                messages: a.messages,
+                backlog: a.backlog,
+                backlog_bound: secs(a.backlog_secs, "--backlog-secs")?,
+                durability: a.durability,
+                flush_interval_ms: a.flush_interval_ms,
+                segment_size_bytes: a.segment_size_bytes,
+                queue_name: a.queue_name.clone(),
+                prefetch: a.prefetch,
+                max_messages: a.queue_max_messages,
+                max_bytes: a.queue_max_bytes,
+                probe_syncs: a.probe_syncs,
+                paths: a.paths.clone(),
+                settings: BrokerSettings {
+                    shards: a.shards,
+                    broker_inflight: a.broker_inflight,
+                    broker_queued: 1000,
+                    broker_max_connections: 25_000,
+                },
+                progress: !a.quiet,
+                keep_logs: a.keep_logs.clone(),
+                command_line: std::env::args().collect::<Vec<_>>().join(" "),
+            };
+            queue::run(&spec, a.json.as_ref())?;
         }
         Command::Crash(a) => {
             let spec = crash::CrashSpec {

@@ -60,6 +60,9 @@ struct State {
     waiters: Vec<Waker>,
     poisoned: Option<String>,
     groups: u64,
+    /// Extra pending bytes bounded appends may use while the owner writes a large copy of its
+    /// state (see [`Wal::set_pending_allowance`]).
+    allowance: usize,
 }
 
 /// The write-ahead log of one shard. See the module and crate docs.
@@ -97,6 +100,7 @@ impl<S: Storage> Wal<S> {
             waiters: Vec::new(),
             poisoned: None,
             groups: 0,
+            allowance: 0,
         };
         Ok((
             Wal {
@@ -125,7 +129,7 @@ impl<S: Storage> Wal<S> {
         if let Some(why) = &st.poisoned {
             return Err(WalError::Poisoned(why.clone()));
         }
-        if bounded && st.pending.len() >= self.config.max_pending_bytes {
+        if bounded && st.pending.len() >= self.config.max_pending_bytes.saturating_add(st.allowance) {
             return Err(WalError::Backpressure {
                 pending_bytes: st.pending.len(),
                 limit_bytes: self.config.max_pending_bytes,
@@ -328,6 +332,13 @@ impl<S: Storage> Wal<S> {
             report.freed_bytes += self.config.segment_size_bytes;
         }
         Ok(report)
+    }
+
+    /// Let bounded appends go `bytes` beyond `max_pending_bytes` (0 to end it): while an owner's
+    /// [`append_unbounded`](Wal::append_unbounded) copy is waiting for its commit, its ordinary
+    /// appends are not refused for the room the copy takes.
+    pub fn set_pending_allowance(&self, bytes: usize) {
+        self.state.borrow_mut().allowance = bytes;
     }
 
     /// Disk use now.
