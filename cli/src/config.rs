@@ -228,6 +228,7 @@ impl Config {
     /// The rules that make a configuration refuse to start.
     pub fn validate(&self) -> anyhow::Result<()> {
         let seg = self.segment_size_bytes;
+        #[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` is newer than rust-version 1.85
         if seg % 4096 != 0 || !(flux_wal::MIN_SEGMENT_SIZE_BYTES..=flux_wal::MAX_SEGMENT_SIZE_BYTES).contains(&seg) {
             bail!(
                 "[durability] segment_size_bytes = {seg} must be a multiple of 4096 between {} and {}",

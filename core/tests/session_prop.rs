@@ -340,7 +340,10 @@ impl Model {
 }
 
 /// The parts of an image that matter, comparable.
-fn describe(image: &RestoredSession) -> (Vec<(u64, Option<u16>, bool, Vec<u8>)>, Vec<u16>, Vec<String>) {
+/// (msg id, packet id, PUBREC received, payload) per message; inbound QoS 2 ids; filters.
+type Described = (Vec<(u64, Option<u16>, bool, Vec<u8>)>, Vec<u16>, Vec<String>);
+
+fn describe(image: &RestoredSession) -> Described {
     let messages = image
         .messages
         .iter()
