@@ -341,7 +341,7 @@ impl Broker {
             .session
             .subscriptions()
             .filter(|s| queues::queue_filter(&s.filter).is_some())
-            .map(|s| Subscribed { subscription: s.clone(), existed: true, group: None })
+            .map(|s| Subscribed { subscription: s.clone(), existed: true, group: s.group.clone() })
             .collect();
         if !subs.is_empty() {
             self.queue_resume(key, subs);

@@ -433,11 +433,12 @@ pub fn delivery_from_stored(s: &StoredMessage, clock: &WallClock) -> Option<Deli
 pub fn journal_record(client_id: &str, entry: &Journal, clock: &WallClock) -> Record {
     let client_id = client_id.to_owned();
     match entry {
-        Journal::Subscribe { filter, options, id } => Record::SessionSubscribe {
+        Journal::Subscribe { filter, options, id, group } => Record::SessionSubscribe {
             client_id,
             filter: filter.clone(),
             options: flux_core::mqtt::subscription_options_byte(options),
             subscription_id: *id,
+            group: group.clone(),
         },
         Journal::Unsubscribe { filter } => Record::SessionUnsubscribe { client_id, filter: filter.clone() },
         Journal::Enqueued { msg_id, delivery } => {
@@ -533,9 +534,9 @@ impl Replayed {
             Record::SessionExpire { client_id } => {
                 self.sessions.remove(&client_id);
             }
-            Record::SessionSubscribe { client_id, filter, options, subscription_id } => {
+            Record::SessionSubscribe { client_id, filter, options, subscription_id, group } => {
                 let Some(options) = subscription_options_from_byte(options) else { return };
-                self.journal(&client_id, Journal::Subscribe { filter, options, id: subscription_id });
+                self.journal(&client_id, Journal::Subscribe { filter, options, id: subscription_id, group });
             }
             Record::SessionUnsubscribe { client_id, filter } => {
                 self.journal(&client_id, Journal::Unsubscribe { filter });

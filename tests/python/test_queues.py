@@ -285,3 +285,24 @@ def test_mqtt311_consumer_acks_by_puback(qbroker, client):
     again = client(b, cid("q-311b"), version=4)
     assert again.subscribe("$queue/legacy", qos=1) == [1]
     again.expect_none()  # every message was acknowledged: nothing comes back
+
+
+def test_persistent_queue_consumer_keeps_its_group_across_kill9(qbroker, client):
+    b = qbroker(crash=True)
+    group = props(PacketTypes.SUBSCRIBE, UserProperty=[("group", "billing")])
+    cid_ = cid("q-pg", 0)
+    c = client(b, cid_, version=5, clean=False, session_expiry=3600)
+    assert c.subscribe("$queue/invoices/inv/#", qos=1, properties=group) == [1]
+    c.disconnect()
+    b.kill9()
+    b.restart()
+    c = client(b, cid_, version=5, clean=False, session_expiry=3600)
+    assert c.session_present
+
+    def billing_consumers():
+        rc, out = fluxd_queue(b, "stats", "invoices")
+        if rc != 0:
+            return None
+        return {g["group"]: g["consumers"] for g in out["groups"]}.get("billing")
+
+    assert wait_until(billing_consumers, WAIT, "the resumed consumer back in group billing") == 1

@@ -320,6 +320,7 @@ mod tests {
             filter: "a/+/#".into(),
             options: 2,
             subscription_id: Some(9),
+            group: None,
         };
         let mut buf = Vec::new();
         encode(&mut buf, 42, &r).unwrap();

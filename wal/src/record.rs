@@ -131,6 +131,8 @@ pub enum Record {
         options: u8,
         /// MQTT 5 Subscription Identifier, if any.
         subscription_id: Option<u32>,
+        /// The consumer group of a queue subscription (`group` user property), if any.
+        group: Option<String>,
     },
     /// A subscription was removed.
     SessionUnsubscribe {

@@ -21,7 +21,7 @@ use crate::session::state::{PendingWill, Subscription};
 #[derive(Clone, Debug)]
 pub enum Journal {
     /// A subscription was added or replaced (`filter` as received, `$share/...` included).
-    Subscribe { filter: String, options: SubscriptionOptions, id: Option<u32> },
+    Subscribe { filter: String, options: SubscriptionOptions, id: Option<u32>, group: Option<String> },
     /// A subscription was removed.
     Unsubscribe { filter: String },
     /// A QoS 1/2 message was accepted for delivery (queued, or about to be sent).
@@ -74,9 +74,9 @@ impl RestoredSession {
     /// Apply one journal entry (the log's replay).
     pub fn apply(&mut self, entry: Journal) {
         match entry {
-            Journal::Subscribe { filter, options, id } => {
+            Journal::Subscribe { filter, options, id, group } => {
                 let Ok(parsed) = crate::topic::SubscriptionFilter::parse(&filter) else { return };
-                let sub = Subscription { filter: parsed, options, id };
+                let sub = Subscription { filter: parsed, options, id, group };
                 match self.subscriptions.iter_mut().find(|(f, _)| *f == filter) {
                     Some(slot) => slot.1 = sub,
                     None => self.subscriptions.push((filter, sub)),

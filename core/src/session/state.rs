@@ -26,6 +26,8 @@ pub struct Subscription {
     pub filter: SubscriptionFilter,
     pub options: SubscriptionOptions,
     pub id: Option<u32>,
+    /// The `group` user property of the SUBSCRIBE (the consumer group of a queue subscription).
+    pub group: Option<String>,
 }
 
 /// A subscription the runtime must add to its tables before the SUBACK goes out.
@@ -281,7 +283,7 @@ impl Session {
     pub fn snapshot_journal(&self) -> Vec<Journal> {
         let mut out = Vec::with_capacity(self.subscriptions.len() + self.inflight_out.len() * 2 + self.queue.len());
         for (text, sub) in &self.subscriptions {
-            out.push(Journal::Subscribe { filter: text.clone(), options: sub.options, id: sub.id });
+            out.push(Journal::Subscribe { filter: text.clone(), options: sub.options, id: sub.id, group: sub.group.clone() });
         }
         for f in &self.inflight_out {
             out.push(Journal::Enqueued { msg_id: f.msg_id, delivery: f.delivery.clone() });
@@ -844,8 +846,8 @@ impl Session {
                 reasons.push(if v5 { ReasonCode::QuotaExceeded } else { ReasonCode::UnspecifiedError });
                 continue;
             }
-            let subscription = Subscription { filter, options, id };
-            self.journal_push(Journal::Subscribe { filter: text.clone(), options, id });
+            let subscription = Subscription { filter, options, id, group: group.clone() };
+            self.journal_push(Journal::Subscribe { filter: text.clone(), options, id, group: group.clone() });
             self.subscriptions.insert(text, subscription.clone());
             reasons.push(ReasonCode::granted(options.qos));
             added.push(Subscribed { subscription, existed, group: group.clone() });
