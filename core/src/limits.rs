@@ -18,7 +18,9 @@ pub struct Limits {
     pub max_packet_size_bytes: u32,
     /// QoS 1/2 messages a client may have unacknowledged towards the server (CONNACK Receive
     /// Maximum) and the most the server keeps in flight towards a client (also capped by the
-    /// client's own Receive Maximum). Cost: one queued message reference per unit.
+    /// client's own Receive Maximum). Four times this many acknowledgements of one connection
+    /// may wait for the disk before the server stops reading from it. Cost: one queued message
+    /// reference per unit.
     pub max_inflight_messages: u16,
     /// QoS 1/2 messages queued for a session beyond its inflight window (offline or slow). When
     /// full, new messages for that session are dropped, counted and logged. Cost: one message
@@ -61,6 +63,11 @@ pub struct Limits {
     /// (so replies it does not read cannot pile up) until it drains. Cost: up to about twice this
     /// per connection (the buffer plus the chunk being written).
     pub max_outbound_buffer_bytes: usize,
+    /// Durable queues one shard owns. Clients create queues (`$queue/<name>/<filter>`
+    /// subscriptions, `PUBLISH $queue/<name>`); past this a new one is refused (the publish gets
+    /// 0x97, the consumer nothing) and logged. Cost: each queue holds up to its own
+    /// `max_bytes` of messages, in memory and in the log.
+    pub max_queues: usize,
 }
 
 impl Default for Limits {
@@ -82,6 +89,7 @@ impl Default for Limits {
             max_client_id_bytes: 256,
             ring_capacity: 1024,
             max_outbound_buffer_bytes: 4 * 1024 * 1024,
+            max_queues: 10_000,
         }
     }
 }

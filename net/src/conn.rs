@@ -287,7 +287,9 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
             broker.mesh().wait_uncongested().await;
         }
         // Replies (PUBACK, PINGRESP, ...) to a client that does not read them are bounded too.
-        conn.wait_writable(broker.limits().max_outbound_buffer_bytes).await;
+        // Acknowledgements waiting for the disk: a few windows' worth (receive maximum) at most.
+        let max_holds = usize::from(broker.limits().max_inflight_messages.max(1)) * 4;
+        conn.wait_writable(broker.limits().max_outbound_buffer_bytes, max_holds).await;
         // A socket that always has data never makes a read wait: let the shard's other tasks
         // (ring flushes, drains, other connections) run when this one has had its share.
         glommio::yield_if_needed().await;

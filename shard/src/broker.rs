@@ -56,6 +56,8 @@ pub struct BrokerStats {
     pub dropped_queue_full: Cell<u64>,
     pub dropped_slow_consumer: Cell<u64>,
     pub dropped_shared_no_member: Cell<u64>,
+    /// Queues not created because the shard owns `max_queues`.
+    pub refused_queues: Cell<u64>,
 }
 
 struct RouteRef {

@@ -217,6 +217,8 @@ impl Outbound {
         let mut buf = self.buf.borrow_mut();
         let limit = match holds.front() {
             Some(&(at, _)) if at <= taken => {
+                // One hold fewer: a reader waiting in `wait_writable` may go on.
+                self.drained.notify();
                 return match holds.pop_front() {
                     Some((_, h)) => Next::Wait(h),
                     None => Next::Idle,
@@ -285,11 +287,13 @@ impl Outbound {
         self.drained.notify();
     }
 
-    /// For the reader: wait while more than `limit_bytes` of output are unwritten, so a client
-    /// that does not read its replies cannot make the server buffer one per request (TCP pushes
-    /// back on it instead). Returns at once when closing.
-    pub async fn wait_writable(&self, limit_bytes: usize) {
-        while self.buffered_bytes() > limit_bytes && !self.closing.get() {
+    /// For the reader: wait while more than `limit_bytes` of output are unwritten, or more than
+    /// `max_holds` acknowledgements wait for durability, so a client that does not read its
+    /// replies (or floods QoS 1 publishes faster than the disk commits them; MQTT 3.1.1 has no
+    /// Receive Maximum) cannot make the server buffer one per request (TCP pushes back on it
+    /// instead). Returns at once when closing.
+    pub async fn wait_writable(&self, limit_bytes: usize, max_holds: usize) {
+        while (self.buffered_bytes() > limit_bytes || self.holds.borrow().len() > max_holds) && !self.closing.get() {
             self.drained.wait().await;
         }
     }

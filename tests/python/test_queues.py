@@ -306,3 +306,17 @@ def test_persistent_queue_consumer_keeps_its_group_across_kill9(qbroker, client)
         return {g["group"]: g["consumers"] for g in out["groups"]}.get("billing")
 
     assert wait_until(billing_consumers, WAIT, "the resumed consumer back in group billing") == 1
+
+
+def test_max_queues_bounds_the_queues_clients_create(qbroker, client):
+    from harness import shard_for
+    b = qbroker(max_queues=1)
+    pub = client(b, cid("q-pub"), version=5)
+    names = [f"made-{i}" for i in range(6)]
+    codes = {n: pub.publish(f"$queue/{n}", b"x", qos=1) for n in names}
+    first_per_shard = {}
+    for n in names:
+        first_per_shard.setdefault(shard_for(n), n)
+    want = {n: (0 if first_per_shard[shard_for(n)] == n else 0x97) for n in names}
+    assert codes == want, codes
+    wait_until(lambda: "max_queues" in b.log(), WAIT, "a log line about the refused queue")

@@ -322,8 +322,19 @@ impl Broker {
     }
 
     /// On the owner: make sure the queue exists (default settings) and is bound to `filter`.
-    fn ensure_owned_queue(&self, name: &QueueName, filter: Option<&TopicFilter>) {
+    /// False when it does not exist and `max_queues` forbids creating it.
+    fn ensure_owned_queue(&self, name: &QueueName, filter: Option<&TopicFilter>) -> bool {
         let mut st = self.state.borrow_mut();
+        if !st.owned_queues.contains_key(name) && st.owned_queues.len() >= self.limits.max_queues {
+            drop(st);
+            let n = self.stats.refused_queues.get() + 1;
+            self.stats.refused_queues.set(n);
+            if n.is_power_of_two() {
+                tracing::warn!(queue = %name, max_queues = self.limits.max_queues, refused = n,
+                    "queue not created: this shard owns max_queues queues");
+            }
+            return false;
+        }
         let mut changed = false;
         let owned = st.owned_queues.entry(name.clone()).or_insert_with(|| {
             changed = true;
@@ -341,6 +352,7 @@ impl Broker {
             drop(st);
             self.append(record);
         }
+        true
     }
 
     /// A session subscribed to a queue filter: bind (and create) as asked, then attach it as a
@@ -487,7 +499,9 @@ impl Broker {
             if !create {
                 return Appended::NoQueue;
             }
-            self.ensure_owned_queue(name, None);
+            if !self.ensure_owned_queue(name, None) {
+                return Appended::Full;
+            }
         }
         let ok = {
             let mut st = self.state.borrow_mut();
@@ -580,7 +594,9 @@ impl Broker {
 
     #[allow(clippy::too_many_arguments)]
     fn on_queue_attach(&self, name: QueueName, consumer: ConsumerId, group: Arc<str>, shard: ShardId, session: SessKey, prefetch: u16, now: Instant) {
-        self.ensure_owned_queue(&name, None);
+        if !self.ensure_owned_queue(&name, None) {
+            return;
+        }
         {
             let mut st = self.state.borrow_mut();
             let Some(q) = st.owned_queues.get_mut(&name) else { return };
@@ -681,7 +697,9 @@ impl Broker {
         }
         match op {
             QueueAdminOp::Declare { config, filters } => {
-                self.ensure_owned_queue(name, None);
+                if !self.ensure_owned_queue(name, None) {
+                    return Err(format!("shard {} already owns max_queues ({}) queues", self.me, self.limits.max_queues));
+                }
                 let record = {
                     let mut st = self.state.borrow_mut();
                     let Some(q) = st.owned_queues.get_mut(name) else { return Err("queue vanished".into()) };
