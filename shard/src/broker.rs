@@ -503,7 +503,7 @@ impl Broker {
         let mut dest = vec![false; usize::from(self.shard_count)];
         // Shards that must confirm: only those with persistent subscribers of the topic (the
         // others never write anything for it, and their answer would only cost a round trip).
-        let mut durable = vec![false; usize::from(self.shard_count)];
+        let mut durable = if confirm.is_some() { vec![false; usize::from(self.shard_count)] } else { Vec::new() };
         let mut groups = Vec::new();
         let mut picks = Vec::new();
         {

@@ -563,11 +563,11 @@ impl Session {
             };
         }
         if self.online && self.queue.is_empty() && self.window_open() {
-            if self.oversized(&delivery, now) {
+            let Some(publish) = self.fitting_publish(&delivery, now) else {
                 return DeliverOutcome::Dropped(DropReason::TooLarge);
-            }
+            };
             let msg_id = self.accept(&delivery);
-            self.send_inflight(msg_id, delivery, now, out);
+            self.send_inflight(msg_id, delivery, publish, out);
             return DeliverOutcome::Sent;
         }
         let bytes = delivery.message.payload.len();
@@ -629,11 +629,11 @@ impl Session {
                 self.journal_push(Journal::Completed { msg_id });
                 continue;
             }
-            if self.oversized(&delivery, now) {
+            let Some(publish) = self.fitting_publish(&delivery, now) else {
                 self.journal_push(Journal::Completed { msg_id });
                 continue;
-            }
-            self.send_inflight(msg_id, delivery, now, out);
+            };
+            self.send_inflight(msg_id, delivery, publish, out);
         }
     }
 
@@ -647,22 +647,27 @@ impl Session {
         msg_id
     }
 
-    /// Whether `d` exceeds the client's Maximum Packet Size (MQTT 5 3.1.2.25: such a message is
-    /// discarded as if delivered); counted.
-    fn oversized(&mut self, d: &Delivery, now: Instant) -> bool {
-        let Some(max) = self.client_maximum_packet_size else { return false };
+    /// The PUBLISH for QoS 1/2 delivery `d` (its packet id set when it is sent), or `None` when it
+    /// exceeds the client's Maximum Packet Size (MQTT 5 3.1.2.25: discarded as if delivered;
+    /// counted). Built once: the size does not depend on the packet id's value.
+    fn fitting_publish(&mut self, d: &Delivery, now: Instant) -> Option<Packet> {
         let packet = Packet::Publish(publish_packet(d, Some(PacketId(std::num::NonZeroU16::MIN)), now));
-        let too_large = encoded_len(&packet, self.protocol) > max as usize;
-        if too_large {
-            self.stats.dropped_too_large += 1;
+        if let Some(max) = self.client_maximum_packet_size {
+            if encoded_len(&packet, self.protocol) > max as usize {
+                self.stats.dropped_too_large += 1;
+                return None;
+            }
         }
-        too_large
+        Some(packet)
     }
 
-    /// Send an accepted message (already checked against the client's Maximum Packet Size).
-    fn send_inflight(&mut self, msg_id: u64, delivery: Delivery, now: Instant, out: &mut Outbox) {
+    /// Send an accepted message as `publish` (from `fitting_publish`).
+    fn send_inflight(&mut self, msg_id: u64, delivery: Delivery, mut publish: Packet, out: &mut Outbox) {
         let packet_id = self.allocate_packet_id();
-        out.packets.push(Packet::Publish(publish_packet(&delivery, Some(packet_id), now)));
+        if let Packet::Publish(p) = &mut publish {
+            p.packet_id = Some(packet_id);
+        }
+        out.packets.push(publish);
         let state = if delivery.qos == QoS::ExactlyOnce { OutState::AwaitRec } else { OutState::AwaitAck };
         self.journal_push(Journal::Sent { msg_id, packet_id });
         self.inflight_out.push_back(OutFlight { msg_id, packet_id, delivery, state });
