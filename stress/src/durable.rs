@@ -472,17 +472,19 @@ pub fn fluxd_version(bin: &Path) -> String {
     }
 }
 
-/// Runs every case, prints the table on stdout, writes the JSON report to `json` (or stdout
-/// after the table when None). Errors when a case failed or lost messages.
-pub fn run(spec: &DurableSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
-    spec.validate()?;
-    let started = Instant::now();
-    let parent = std::env::temp_dir();
-    if let Some(d) = &spec.keep_logs {
+/// Before a durable run: creates `keep_logs`, probes `parent`'s fdatasync latency (`syncs` > 0)
+/// and, with `warn_tmpfs`, warns when `parent` is on a RAM file system (fsync is free there).
+pub fn disk_preflight(
+    parent: &Path,
+    syncs: usize,
+    keep_logs: Option<&Path>,
+    warn_tmpfs: bool,
+) -> anyhow::Result<Option<SyncProbe>> {
+    if let Some(d) = keep_logs {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
-    let probe = if spec.probe_syncs > 0 {
-        match sync_probe(&parent, spec.probe_syncs) {
+    let probe = if syncs > 0 {
+        match sync_probe(parent, syncs) {
             Ok(p) => {
                 eprintln!(
                     "sync probe ({}): 4 KiB write+fdatasync p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
@@ -498,13 +500,23 @@ pub fn run(spec: &DurableSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
     } else {
         None
     };
-    let fs = filesystem_of(&parent);
-    if fs.starts_with("tmpfs") || fs.starts_with("ramfs") {
+    let fs = filesystem_of(parent);
+    if warn_tmpfs && (fs.starts_with("tmpfs") || fs.starts_with("ramfs")) {
         eprintln!(
             "warning: {} is on {fs}: fdatasync is free there, fsync figures mean nothing (set TMPDIR)",
             parent.display()
         );
     }
+    Ok(probe)
+}
+
+/// Runs every case, prints the table on stdout, writes the JSON report to `json` (or stdout
+/// after the table when None). Errors when a case failed or lost messages.
+pub fn run(spec: &DurableSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
+    spec.validate()?;
+    let started = Instant::now();
+    let parent = std::env::temp_dir();
+    let probe = disk_preflight(&parent, spec.probe_syncs, spec.keep_logs.as_deref(), true)?;
     let schedule = spec.schedule();
     let mut cases = Vec::with_capacity(schedule.len());
     for (k, &(round, n, mode)) in schedule.iter().enumerate() {
@@ -555,7 +567,7 @@ pub fn run(spec: &DurableSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
         fluxd_bin: bin.display().to_string(),
         fluxd_version: fluxd_version(&bin),
         data_dir_parent: parent.display().to_string(),
-        data_dir_filesystem: fs,
+        data_dir_filesystem: filesystem_of(&parent),
         sync_probe: probe,
         rounds: spec.rounds,
         publisher_counts: &spec.publisher_counts,

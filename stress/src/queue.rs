@@ -36,7 +36,7 @@ use crate::brokers::{
     RunningBroker,
 };
 use crate::compare::{machine, utc_now, Machine};
-use crate::durable::{broker_warnings, cell, filesystem_of, fluxd_version, sync_probe, SyncProbe};
+use crate::durable::{broker_warnings, cell, disk_preflight, filesystem_of, fluxd_version, sync_probe, SyncProbe};
 use crate::load::{self, LoadResult, LoadSpec, Mode, Placement, Scenario, Target};
 use crate::stats::median;
 
@@ -686,34 +686,7 @@ pub fn run(spec: &QueueSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
     spec.validate()?;
     let started = Instant::now();
     let parent = std::env::temp_dir();
-    if let Some(d) = &spec.keep_logs {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-    }
-    let probe = if spec.probe_syncs > 0 {
-        match sync_probe(&parent, spec.probe_syncs) {
-            Ok(p) => {
-                eprintln!(
-                    "sync probe ({}): 4 KiB write+fdatasync p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
-                    p.filesystem, p.latency.p50_us, p.latency.p99_us, p.latency.max_us
-                );
-                Some(p)
-            }
-            Err(e) => {
-                eprintln!("warning: {e:#}");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let fs = filesystem_of(&parent);
-    if spec.durability == Durability::Fsync && (fs.starts_with("tmpfs") || fs.starts_with("ramfs"))
-    {
-        eprintln!(
-            "warning: {} is on {fs}: fdatasync is free there, fsync figures mean nothing (set TMPDIR)",
-            parent.display()
-        );
-    }
+    let probe = disk_preflight(&parent, spec.probe_syncs, spec.keep_logs.as_deref(), spec.durability == Durability::Fsync)?;
     if spec.prefetch > spec.settings.broker_inflight {
         eprintln!(
             "note: prefetch {} is above max_inflight_messages {}: fluxd allows each consumer {}",
@@ -762,7 +735,7 @@ pub fn run(spec: &QueueSpec, json: Option<&PathBuf>) -> anyhow::Result<()> {
         fluxd_bin: bin.display().to_string(),
         fluxd_version: fluxd_version(&bin),
         data_dir_parent: parent.display().to_string(),
-        data_dir_filesystem: fs,
+        data_dir_filesystem: filesystem_of(&parent),
         sync_probe: probe,
         durability: spec.durability,
         rounds: spec.rounds,
