@@ -178,3 +178,25 @@ fn corruption_on_disk_names_file_and_offset() {
         }
     });
 }
+
+/// The default data directory is relative (`./data`): segments created there must sync their
+/// directory too (glommio's directory open fails with EBADF on a relative path).
+#[test]
+fn relative_directory_creates_segments_and_recovers() {
+    let dir = tempdir();
+    let cwd = std::env::current_dir().expect("cwd");
+    let up = "../".repeat(cwd.components().count().saturating_sub(1));
+    let absolute = dir.path().to_path_buf();
+    let relative = std::path::PathBuf::from(format!("{up}{}", absolute.display().to_string().trim_start_matches('/')));
+    assert!(relative.is_relative());
+    run_glommio(move || async move {
+        let (wal, _, _) = open(&relative, config(64 << 10)).await.unwrap();
+        for i in 0..10 {
+            wal.append(&rec(i)).unwrap();
+            wal.commit().await.expect("commit in a relative directory");
+        }
+        drop(wal);
+        let (_, got, _) = open(&relative, config(64 << 10)).await.unwrap();
+        assert_eq!(got.len(), 10);
+    });
+}

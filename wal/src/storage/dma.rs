@@ -53,8 +53,10 @@ impl DmaStorage {
     /// Opens (creating it if needed) the segment directory `dir`. Must run inside a glommio
     /// executor. Writes and opens the probe file (see the module docs).
     pub async fn open(dir: impl AsRef<Path>, options: DmaStorageOptions) -> io::Result<Self> {
-        let dir = dir.as_ref().to_path_buf();
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(dir.as_ref())?;
+        // Absolute: glommio's `Directory::open` (the directory sync after creating or removing a
+        // segment) fails with EBADF on a relative path such as the default `./data/...`.
+        let dir = std::fs::canonicalize(dir.as_ref())?;
         let probe = dir.join(PROBE_FILE_NAME);
         // Blocking std I/O on purpose, once per shard at start: the file must exist and be
         // non-empty before glommio's first O_DIRECT open on this disk.
