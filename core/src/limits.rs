@@ -68,6 +68,11 @@ pub struct Limits {
     /// 0x97, the consumer nothing) and logged. Cost: each queue holds up to its own
     /// `max_bytes` of messages, in memory and in the log.
     pub max_queues: usize,
+    /// Memory one durable queue's messages may take, in bytes (estimated: payload, topic and
+    /// about 200 bytes each). Past it the queue writes runs of its oldest-unneeded messages to
+    /// its shard's spill files and reads them back when consumers get there, so a backlog is
+    /// bounded by the disk, not by memory. Cost: up to this much memory per queue with a backlog.
+    pub queue_memory_bytes: usize,
 }
 
 impl Default for Limits {
@@ -90,6 +95,7 @@ impl Default for Limits {
             ring_capacity: 1024,
             max_outbound_buffer_bytes: 4 * 1024 * 1024,
             max_queues: 10_000,
+            queue_memory_bytes: 8 * 1024 * 1024,
         }
     }
 }

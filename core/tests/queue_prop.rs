@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flux_core::mqtt::{Properties, QoS};
-use flux_core::queue::{ConsumerId, Overflow, Queue, QueueConfig, QueueName, DEFAULT_GROUP};
+use flux_core::queue::{ConsumerId, Overflow, Queue, QueueConfig, QueueIo, QueueJournal, QueueName, SpillLoc, DEFAULT_GROUP};
 use flux_core::session::Publication;
 use flux_core::topic::TopicName;
 use proptest::prelude::*;
@@ -40,6 +40,8 @@ enum Op {
     Dispatch,
     Tick(u64),
     Crash,
+    /// Carry out this many of the I/O requests the queue made (spill, load, dead letters, release).
+    Io(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -53,6 +55,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => Just(Op::Dispatch),
         1 => (0u64..3).prop_map(Op::Tick),
         1 => Just(Op::Crash),
+        4 => (1usize..6).prop_map(Op::Io),
     ]
 }
 
@@ -94,11 +97,25 @@ struct Model {
     dead: BTreeSet<(usize, u64)>,
     last_first: [Option<u64>; 2],
     crashed: bool,
+    /// Spill mode: runs of 3 messages, no memory budget; `disk` plays the runtime's spill files.
+    spill: bool,
+    disk: HashMap<SpillLoc, Vec<QueueJournal>>,
+    io: std::collections::VecDeque<QueueIo>,
+    next_loc: u64,
 }
 
 impl Model {
-    fn new(config: QueueConfig) -> Model {
+    fn queue(config: &QueueConfig, spill: bool) -> Queue {
         let mut q = Queue::new(QueueName::new("orders").expect("name"), config.clone());
+        if spill {
+            q.set_run_messages(3);
+            q.set_resident_budget(0);
+        }
+        q
+    }
+
+    fn new(config: QueueConfig, spill: bool) -> Model {
+        let mut q = Model::queue(&config, spill);
         q.attach(ConsumerId(99), GROUPS[1], 1);
         q.detach(ConsumerId(99)); // the audit group exists from the start
         let journal = q.take_journal();
@@ -119,6 +136,45 @@ impl Model {
             dead: BTreeSet::new(),
             last_first: [None, None],
             crashed: false,
+            spill,
+            disk: HashMap::new(),
+            io: Default::default(),
+            next_loc: 0,
+        }
+    }
+
+    /// Do the queue's I/O requests, oldest first, as the runtime would.
+    fn do_io(&mut self, n: usize) {
+        for _ in 0..n {
+            let Some(io) = self.io.pop_front() else { return };
+            match io {
+                QueueIo::Spill { run, messages } => {
+                    assert!(!messages.is_empty(), "empty spill");
+                    let loc = SpillLoc { file: 0, pos: self.next_loc, len: messages.len() as u64 };
+                    self.next_loc += 1;
+                    self.disk.insert(loc, messages);
+                    self.q.spilled(run, loc);
+                }
+                QueueIo::Load { run, loc } => {
+                    let stored = self.disk.get(&loc).expect("load of a run released or never written").clone();
+                    self.q.loaded(run, stored).expect("a stored run loads");
+                }
+                QueueIo::DeadLetters { loc, from, below, .. } => {
+                    let stored = self.disk.get(&loc).expect("dead letters of a released run");
+                    let offsets: Vec<u64> = stored
+                        .iter()
+                        .filter_map(|j| match j {
+                            QueueJournal::Appended { offset, .. } => Some(*offset),
+                            _ => None,
+                        })
+                        .collect();
+                    assert!((from..below).all(|o| offsets.contains(&o)), "dead letters {from}..{below} not in the run");
+                }
+                QueueIo::Released { loc } => {
+                    assert!(self.disk.remove(&loc).is_some(), "released twice: {loc:?}");
+                }
+            }
+            self.io.extend(self.q.take_io());
         }
     }
 
@@ -171,20 +227,23 @@ impl Model {
                     self.released(g, seq, true);
                 }
             }
+            Op::Io(n) => self.do_io(n),
             Op::Crash => {
                 self.journal.extend(self.q.take_journal());
-                let mut q = Queue::new(QueueName::new("orders").expect("name"), self.config.clone());
+                let mut q = Model::queue(&self.config, self.spill);
                 for e in self.journal.clone() {
                     q.replay(e);
                 }
-                // The checkpoint form rebuilds the same queue.
-                let mut from_snapshot = Queue::new(QueueName::new("orders").expect("name"), self.config.clone());
-                for e in q.snapshot() {
+                // The checkpoint form (spilled runs by reference) rebuilds the same queue.
+                let mut from_snapshot = Model::queue(&self.config, self.spill);
+                for e in self.q.snapshot() {
                     from_snapshot.replay(e);
                 }
                 assert_eq!(from_snapshot.depth(), q.depth());
                 assert_eq!(from_snapshot.group_lag().iter().map(|l| l.2).collect::<Vec<_>>(), q.group_lag().iter().map(|l| l.2).collect::<Vec<_>>());
-                self.q = q;
+                // Requests in flight die with the process; written runs stay on disk.
+                self.io.clear();
+                self.q = if self.spill { from_snapshot } else { q };
                 self.held.clear();
                 self.consumers.clear();
                 // Delivery counts are not logged: they start again after a restart.
@@ -197,6 +256,7 @@ impl Model {
         for d in self.q.take_dead_letters() {
             let _ = d;
         }
+        self.io.extend(self.q.take_io());
         for (&c, &(_, prefetch)) in &self.consumers {
             assert!(self.q.inflight_of(ConsumerId(c)) <= usize::from(prefetch), "prefetch exceeded");
         }
@@ -267,7 +327,13 @@ impl Model {
             self.q.attach(ConsumerId(c), group, 8);
             self.consumers.insert(c, (g, 8));
             for _ in 0..(self.next_seq * 4 + 10) {
+                self.io.extend(self.q.take_io());
+                self.do_io(usize::MAX);
                 self.dispatch();
+                self.io.extend(self.q.take_io());
+                if self.held.is_empty() && !self.io.is_empty() {
+                    continue;
+                }
                 if self.held.is_empty() {
                     break;
                 }
@@ -287,6 +353,11 @@ impl Model {
         }
         assert_eq!(self.acked_twice, 0, "acknowledged twice");
         assert_eq!(self.q.depth(), 0, "everything done yet still queued");
+        self.io.extend(self.q.take_io());
+        self.do_io(usize::MAX);
+        if !self.crashed {
+            assert!(self.disk.is_empty(), "spilled runs never released: {:?}", self.disk.keys().collect::<Vec<_>>());
+        }
     }
 }
 
@@ -297,6 +368,7 @@ proptest! {
     fn queue_against_model_at_least_once_fifo_dead_letters(
         ops in proptest::collection::vec(op(), 0..150),
         max_messages in 1usize..40,
+        spill in any::<bool>(),
     ) {
         let config = QueueConfig {
             max_messages,
@@ -306,7 +378,7 @@ proptest! {
             dead_letter: Some(QueueName::new("orders.dlq").expect("name")),
             ..QueueConfig::default()
         };
-        let mut m = Model::new(config);
+        let mut m = Model::new(config, spill);
         for op in &ops {
             m.step(op);
         }
@@ -360,4 +432,66 @@ fn key_affine_keeps_each_key_on_one_consumer_in_order_and_rebalances() {
     }).collect();
     assert_eq!(moved.len(), per_consumer[&1]);
     assert!(moved.windows(2).all(|w| w[0] < w[1]), "redelivered out of order: {moved:?}");
+}
+
+/// A backlog far beyond the memory budget: resident memory stays within the budget (plus the
+/// run taking appends and the runs a reader is at), everything comes back in order, and every
+/// stored run is released once consumed.
+#[test]
+fn backlog_beyond_the_budget_spills_and_comes_back_in_order() {
+    let budget = 256 << 10;
+    let mut q = Queue::new(QueueName::new("big").expect("name"), QueueConfig::default());
+    q.set_resident_budget(budget);
+    let now = Instant::now();
+    let mut disk: HashMap<SpillLoc, Vec<QueueJournal>> = HashMap::new();
+    let mut next = 0u64;
+    let mut max_resident = 0usize;
+    let mut run_io = |q: &mut Queue, disk: &mut HashMap<SpillLoc, Vec<QueueJournal>>| loop {
+        let io = q.take_io();
+        if io.is_empty() {
+            break;
+        }
+        for i in io {
+            match i {
+                QueueIo::Spill { run, messages } => {
+                    let loc = SpillLoc { file: 0, pos: next, len: 0 };
+                    next += 1;
+                    disk.insert(loc, messages);
+                    q.spilled(run, loc);
+                }
+                QueueIo::Load { run, loc } => q.loaded(run, disk[&loc].clone()).expect("loads"),
+                QueueIo::Released { loc } => assert!(disk.remove(&loc).is_some()),
+                QueueIo::DeadLetters { .. } => panic!("nothing is dead-lettered here"),
+            }
+        }
+    };
+    let total = 50_000u64;
+    for seq in 0..total {
+        q.publish(message(seq), now).expect("room");
+        run_io(&mut q, &mut disk);
+        max_resident = max_resident.max(q.resident_bytes());
+    }
+    let (runs, cold) = q.run_counts();
+    assert!(cold + 2 >= runs, "{cold} of {runs} runs spilled");
+    assert!(max_resident <= budget + 2 * 1024 * 300, "resident grew to {max_resident}");
+    q.attach(ConsumerId(1), DEFAULT_GROUP, 500);
+    let mut expect = 0u64;
+    for _ in 0..100_000 {
+        run_io(&mut q, &mut disk);
+        let ds = q.dispatch(now);
+        if ds.is_empty() && q.depth() == 0 {
+            break;
+        }
+        for d in ds {
+            assert_eq!(seq_of(&d.message), expect, "out of order");
+            expect += 1;
+            assert!(q.ack(ConsumerId(1), d.offset));
+        }
+        max_resident = max_resident.max(q.resident_bytes());
+    }
+    run_io(&mut q, &mut disk);
+    assert_eq!(expect, total, "not everything came back");
+    assert!(max_resident <= budget + 4 * 1024 * 300, "resident grew to {max_resident} while draining");
+    assert!(disk.is_empty(), "{} runs never released", disk.len());
+    assert!(q.stats.spilled_runs > 0 && q.stats.loaded_runs > 0);
 }

@@ -131,6 +131,11 @@ fn stats_json(s: &QueueStatsView) -> Value {
         "dropped_overflow": s.stats.dropped_overflow,
         "expired": s.stats.expired,
         "rejected_full": s.stats.rejected_full,
+        "resident_bytes": s.resident_bytes,
+        "runs": s.runs.0,
+        "runs_on_disk": s.runs.1,
+        "spilled_runs": s.stats.spilled_runs,
+        "loaded_runs": s.stats.loaded_runs,
     })
 }
 

@@ -208,6 +208,14 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
     for q in &shared.config.queues {
         broker.declare_configured_queue(q.name.clone(), q.config.clone(), q.filters.clone());
     }
+    let spill_dir = flux_shard::spill::spill_dir(&shared.config.data_dir, me.0);
+    match broker.open_spill(spill_dir.clone()) {
+        Ok(()) => {
+            glommio::spawn_local(broker.clone().run_spills()).detach();
+        }
+        Err(e) => tracing::error!(shard = %me, dir = %spill_dir.display(), error = %e,
+            "spill files cannot be opened: queue backlogs stay in memory"),
+    }
     shared.restored.fetch_add(1, Ordering::AcqRel);
     while shared.restored.load(Ordering::Acquire) < usize::from(shards_of(&shared)) && !shared.shutdown.load(Ordering::Relaxed) {
         glommio::timer::sleep(Duration::from_millis(2)).await;

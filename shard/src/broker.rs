@@ -58,6 +58,8 @@ pub struct BrokerStats {
     pub dropped_shared_no_member: Cell<u64>,
     /// Queues not created because the shard owns `max_queues`.
     pub refused_queues: Cell<u64>,
+    /// Spill files that could not be written or read.
+    pub spill_errors: Cell<u64>,
 }
 
 struct RouteRef {
@@ -129,6 +131,11 @@ pub struct Broker {
     clock: WallClock,
     state: RefCell<State>,
     pub stats: BrokerStats,
+    /// Spill files of the queues this shard owns (set once restored; `None` without a log).
+    spill: RefCell<Option<Rc<crate::spill::SpillStore>>>,
+    /// Spill I/O to start (queue, request), and the signal of the task that starts it.
+    spill_jobs: RefCell<Vec<(flux_core::queue::QueueName, flux_core::queue::QueueIo)>>,
+    spill_signal: crate::signal::Signal,
 }
 
 /// A slot under `max_connections`; released on drop.
@@ -169,6 +176,9 @@ impl Broker {
             clock,
             state: RefCell::new(State::default()),
             stats: BrokerStats::default(),
+            spill: RefCell::new(None),
+            spill_jobs: RefCell::new(Vec::new()),
+            spill_signal: crate::signal::Signal::default(),
         }
     }
 

@@ -584,7 +584,9 @@ impl Replayed {
             | Record::QueueDone { .. }
             | Record::QueueTrim { .. }
             | Record::QueueGroup { .. }
-            | Record::QueueCommitted { .. } => {}
+            | Record::QueueCommitted { .. }
+            | Record::QueueColdRun { .. }
+            | Record::QueueSeek { .. } => {}
         }
     }
 

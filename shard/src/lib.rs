@@ -8,3 +8,4 @@ pub mod msg;
 pub mod outbound;
 pub mod routes;
 pub mod signal;
+pub mod spill;

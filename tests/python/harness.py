@@ -173,6 +173,8 @@ class Broker:
         deadline = time.monotonic() + WAIT
         while time.monotonic() < deadline:
             for line in reversed(self._log):
+                if line.startswith("==== fluxd life"):
+                    break  # a restarted fluxd (crash.py): only its own lines count
                 m = _ADMIN.search(line)
                 if m:
                     return f"127.0.0.1:{m.group(1)}"

@@ -144,6 +144,27 @@ pub enum BadFrame {
     Archive(String),
 }
 
+/// Every record of a buffer of frames (from offset 0 to its end or the first zero header), for
+/// files of frames outside the log (copied to an aligned buffer first; `bytes` need no
+/// alignment). Never panics, whatever the bytes.
+pub fn decode_all(bytes: &[u8]) -> Result<Vec<Record>, BadFrame> {
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < aligned.len() {
+        match decode(&aligned, pos) {
+            Decoded::Frame { record, frame_len, .. } => {
+                out.push(record.to_record().map_err(|e| BadFrame::Archive(e.to_string()))?);
+                pos += frame_len;
+            }
+            Decoded::Empty => break,
+            Decoded::Bad(b) => return Err(b),
+        }
+    }
+    Ok(out)
+}
+
 /// Decodes the frame at `pos` of `seg`. `seg` must be 16-aligned in memory (for in-place
 /// validation); `pos` a multiple of 16. Never panics, whatever the bytes.
 pub fn decode(seg: &[u8], pos: usize) -> Decoded<'_> {

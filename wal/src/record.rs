@@ -228,6 +228,22 @@ pub enum Record {
         /// The snapshot.
         data: Vec<u8>,
     },
+    /// A checkpoint's reference to a run of queue messages stored outside the log (a spill
+    /// file, fdatasync'd before this record was written): offsets `first..end`, `bytes` of
+    /// payload, append times of its first and last message, and the file, position and length.
+    QueueColdRun {
+        name: String,
+        first: u64,
+        end: u64,
+        bytes: u64,
+        first_at_ms: u64,
+        last_at_ms: u64,
+        file: u64,
+        pos: u64,
+        len: u64,
+    },
+    /// Consumer group `group` of queue `name` starts over at offset `to` (a seek; checkpoints).
+    QueueSeek { name: String, group: String, to: u64 },
 }
 
 impl ArchivedRecord {

@@ -1,4 +1,16 @@
 //! [`Queue`]: the state machine of one durable queue. See the module docs of [`crate::queue`].
+//!
+//! # Memory: runs, resident and spilled
+//! Messages are kept in *runs* of consecutive offsets (at most [`RUN_MESSAGES`] messages and
+//! [`RUN_BYTES`] of payload each). A run is resident (its messages in memory) or spilled (only
+//! its description in memory: offsets, bytes, times, and where the runtime stored it). When the
+//! resident runs of a queue cost more than its budget ([`Queue::set_resident_budget`]) the
+//! engine asks the runtime ([`Io::Spill`]) to store the runs furthest from any reader, newest
+//! first, and drops their messages once told they are durable ([`Queue::spilled`]). A group that
+//! reaches a spilled run asks for it back ([`Io::Load`], then [`Queue::loaded`]); the run after
+//! the one being read is asked for ahead of time. A loaded run keeps its place on disk, so
+//! evicting it again costs no write. A backlog of any length thus costs about 100 bytes of memory
+//! per run (0.1 byte per message), not its messages.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -6,10 +18,23 @@ use std::time::Instant;
 
 use super::config::{Dispatch, KeySource, Overflow, QueueConfig, QueueName};
 use super::Offset;
+use crate::session::message::Publication;
 use crate::session::Message;
 
 /// The group every queue has, used by consumers that name none.
 pub const DEFAULT_GROUP: &str = "default";
+
+/// Messages in one run at most.
+pub const RUN_MESSAGES: u64 = 1024;
+/// Payload bytes in one run at most (a larger message has a run of its own).
+pub const RUN_BYTES: usize = 256 << 10;
+/// Memory a queue's resident messages may cost before runs are spilled (the default budget).
+pub const DEFAULT_RESIDENT_BYTES: usize = 8 << 20;
+/// What a resident message costs beyond its payload and topic (message, entry, bookkeeping).
+const ENTRY_OVERHEAD: usize = 192;
+/// User properties added to a dead-lettered message: the queue it left, and why.
+pub const DEATH_QUEUE_PROPERTY: &str = "x-death-queue";
+pub const DEATH_REASON_PROPERTY: &str = "x-death-reason";
 
 /// A consumer of a queue, named by the runtime (unique on the owner shard).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -35,6 +60,16 @@ pub enum DeadReason {
     Overflow,
 }
 
+impl DeadReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadReason::Rejected => "rejected",
+            DeadReason::Expired => "expired",
+            DeadReason::Overflow => "overflow",
+        }
+    }
+}
+
 /// A message leaving the queue for its dead-letter queue; the runtime appends it there.
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
@@ -50,17 +85,59 @@ pub enum PublishError {
     Full,
 }
 
+/// Where the runtime stored a spilled run; the engine only keeps it and hands it back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SpillLoc {
+    pub file: u64,
+    pub pos: u64,
+    pub len: u64,
+}
+
+/// A spilled run as checkpoints log it: offsets `first..end` (the stored run may hold earlier
+/// ones too, which are ignored), their payload bytes, the append times of its first and last
+/// message, and where it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ColdRun {
+    pub first: Offset,
+    pub end: Offset,
+    pub bytes: u64,
+    pub first_at: Instant,
+    pub last_at: Instant,
+    pub loc: SpillLoc,
+}
+
 /// A change to write to the owner shard's log; replayed with [`Queue::replay`].
 #[derive(Clone, Debug)]
 pub enum Journal {
     Appended { offset: Offset, message: Message, key: Option<Arc<str>>, at: Instant },
     /// `group` is done with `offset` (acknowledged, or dead-lettered).
     Done { group: Arc<str>, offset: Offset },
-    /// Every message below `below` left the queue early (expired or dropped by overflow).
+    /// Every message below `below` left the queue early (expired, dropped by overflow, purged,
+    /// moved by a re-drive).
     Trimmed { below: Offset },
     GroupCreated { group: Arc<str> },
     /// `group` is done with every offset below `below` (checkpoints).
     Committed { group: Arc<str>, below: Offset },
+    /// A spilled run (checkpoints).
+    Cold(ColdRun),
+    /// `group` starts over at `to`: done with everything below, nothing at or above.
+    Seek { group: Arc<str>, to: Offset },
+}
+
+/// I/O the engine needs from the runtime; see [`Queue::take_io`].
+#[derive(Clone, Debug)]
+pub enum Io {
+    /// Store these messages (a run, offset order) durably, then call [`Queue::spilled`] with
+    /// `run` and where they are (or [`Queue::spill_failed`]).
+    Spill { run: u64, messages: Vec<Journal> },
+    /// Read the run at `loc` and hand its messages to [`Queue::loaded`] (or call
+    /// [`Queue::load_failed`]).
+    Load { run: u64, loc: SpillLoc },
+    /// The messages `from..below` stored at `loc` left the queue while spilled: read them and
+    /// append each to `target` (with [`Queue::dead_lettered`] to mark it).
+    DeadLetters { loc: SpillLoc, from: Offset, below: Offset, target: QueueName, reason: DeadReason },
+    /// No run refers to `loc` any more (after the ones above that name it are done).
+    Released { loc: SpillLoc },
 }
 
 /// Counters and gauges, for stats and metrics.
@@ -74,6 +151,9 @@ pub struct QueueStats {
     pub dropped_overflow: u64,
     pub expired: u64,
     pub rejected_full: u64,
+    /// Runs written to disk, and read back.
+    pub spilled_runs: u64,
+    pub loaded_runs: u64,
 }
 
 struct Entry {
@@ -83,6 +163,46 @@ struct Entry {
     key: Option<Arc<str>>,
 }
 
+fn entry_cost(m: &Message) -> usize {
+    m.payload.len() + m.topic.as_str().len() + ENTRY_OVERHEAD
+}
+
+enum Body {
+    /// In memory. `loc`: an unchanged copy is also on disk (it was loaded back, or spilled while
+    /// it stayed in use). `spilling`: a copy is being written.
+    Resident { entries: VecDeque<Entry>, loc: Option<SpillLoc>, spilling: bool },
+    /// Only on disk; `loading`: a read is under way.
+    Cold { loc: SpillLoc, loading: bool },
+}
+
+struct Run {
+    /// Unique, and growing with the offsets (runs are made in offset order).
+    id: u64,
+    first: Offset,
+    end: Offset,
+    /// Payload bytes of `first..end` (for a spilled run cut at the front, an estimate).
+    bytes: usize,
+    /// Memory the messages cost while resident.
+    cost: usize,
+    first_at: Instant,
+    last_at: Instant,
+    body: Body,
+}
+
+impl Run {
+    fn len(&self) -> u64 {
+        self.end - self.first
+    }
+    fn resident(&self) -> bool {
+        matches!(self.body, Body::Resident { .. })
+    }
+    fn loc(&self) -> Option<SpillLoc> {
+        match &self.body {
+            Body::Resident { loc, .. } => *loc,
+            Body::Cold { loc, .. } => Some(*loc),
+        }
+    }
+}
 struct Pending {
     consumer: ConsumerId,
     deadline: Option<Instant>,
@@ -142,19 +262,58 @@ struct Consumer {
     inflight: usize,
 }
 
+/// Where an offset's message is.
+enum Slot<'a> {
+    Here(&'a Entry),
+    /// In the spilled run at this index of `runs`.
+    Spilled(usize),
+    /// In no run (left the queue).
+    Gone,
+}
+
+/// A copy of `m` marked as dead-lettered from `queue` (user properties `x-death-queue` and
+/// `x-death-reason`, replacing earlier ones), as the dead-letter queue stores it.
+pub fn death_marked(m: &Message, queue: &QueueName, reason: DeadReason) -> Message {
+    let mut properties = m.properties.clone();
+    properties.user_properties.retain(|(k, _)| k != DEATH_QUEUE_PROPERTY && k != DEATH_REASON_PROPERTY);
+    properties.user_properties.push((DEATH_QUEUE_PROPERTY.to_owned(), queue.as_str().to_owned()));
+    properties.user_properties.push((DEATH_REASON_PROPERTY.to_owned(), reason.as_str().to_owned()));
+    Arc::new(Publication {
+        topic: m.topic.clone(),
+        payload: m.payload.clone(),
+        qos: m.qos,
+        retain: m.retain,
+        properties,
+        expires_at: m.expires_at,
+        publisher: m.publisher.clone(),
+    })
+}
+
 /// One queue. See the module docs.
 pub struct Queue {
     name: QueueName,
     config: QueueConfig,
-    entries: VecDeque<Entry>,
-    /// Offset of `entries[0]` (or `next_offset` when empty).
+    /// In offset order, not overlapping (gaps only after a replay that lacked some offsets).
+    runs: VecDeque<Run>,
+    next_run: u64,
+    /// Lowest offset kept (the first run's `first`, or `next_offset` when empty).
     head: Offset,
     next_offset: Offset,
+    /// Messages kept, and their payload bytes.
+    depth: u64,
     bytes: usize,
+    /// Memory of the resident runs, of those among them being written, and the budget.
+    resident: usize,
+    spilling: usize,
+    budget: usize,
+    run_messages: u64,
+    /// Spilling and loading wait for the next `tick` after a failure.
+    io_paused: bool,
     groups: Vec<Group>,
     consumers: HashMap<ConsumerId, Consumer>,
     journal: Vec<Journal>,
     dead: Vec<DeadLetter>,
+    io: Vec<Io>,
     rng: u64,
     pub stats: QueueStats,
 }
@@ -165,14 +324,22 @@ impl Queue {
         let mut q = Queue {
             name,
             config,
-            entries: VecDeque::new(),
+            runs: VecDeque::new(),
+            next_run: 0,
             head: 0,
             next_offset: 0,
+            depth: 0,
             bytes: 0,
+            resident: 0,
+            spilling: 0,
+            budget: DEFAULT_RESIDENT_BYTES,
+            run_messages: RUN_MESSAGES,
+            io_paused: false,
             groups: Vec::new(),
             consumers: HashMap::new(),
             journal: Vec::new(),
             dead: Vec::new(),
+            io: Vec::new(),
             rng: seed | 1,
             stats: QueueStats::default(),
         };
@@ -190,15 +357,39 @@ impl Queue {
     pub fn set_config(&mut self, config: QueueConfig) {
         self.config = config;
     }
+    /// Memory the resident messages may cost before runs are spilled (see the module docs).
+    pub fn set_resident_budget(&mut self, bytes: usize) {
+        self.budget = bytes;
+    }
+    /// Messages per run at most ([`RUN_MESSAGES`] unless changed; smaller runs are for tests).
+    pub fn set_run_messages(&mut self, n: u64) {
+        self.run_messages = n.max(1);
+    }
     /// Messages in the queue (not yet done by every group).
     pub fn depth(&self) -> usize {
-        self.entries.len()
+        usize::try_from(self.depth).unwrap_or(usize::MAX)
     }
     pub fn bytes(&self) -> usize {
         self.bytes
     }
+    /// Estimated memory of the resident messages.
+    pub fn resident_bytes(&self) -> usize {
+        self.resident
+    }
+    /// Runs kept, and how many of them are spilled.
+    pub fn run_counts(&self) -> (usize, usize) {
+        (self.runs.len(), self.runs.iter().filter(|r| !r.resident()).count())
+    }
+    /// Where every run that has a copy on disk is (the runtime keeps those files).
+    pub fn spill_locs(&self) -> Vec<SpillLoc> {
+        self.runs.iter().filter_map(Run::loc).collect()
+    }
     pub fn next_offset(&self) -> Offset {
         self.next_offset
+    }
+    /// Lowest offset kept.
+    pub fn head(&self) -> Offset {
+        self.head
     }
     pub fn consumer_count(&self) -> usize {
         self.consumers.len()
@@ -210,10 +401,34 @@ impl Queue {
             .iter()
             .map(|g| {
                 let lag = self.next_offset.saturating_sub(g.committed).saturating_sub(g.done.len() as u64);
-                let oldest = self.entry(g.committed.max(self.head)).map(|e| e.at);
+                let oldest = self.appended_at(g.committed.max(self.head));
                 (g.name.clone(), g.consumers.len(), lag, oldest)
             })
             .collect()
+    }
+
+    /// When the message at `offset` was appended (for a spilled one, its run's first message).
+    fn appended_at(&self, offset: Offset) -> Option<Instant> {
+        let r = self.runs.get(self.run_index(offset)?)?;
+        match self.slot(offset) {
+            Slot::Here(e) => Some(e.at),
+            _ => Some(r.first_at),
+        }
+    }
+
+    /// The first offset appended at or after `at` (`next_offset` if none): where a seek by time
+    /// starts. Within a spilled run, the run's first offset (at most [`RUN_MESSAGES`] earlier).
+    pub fn offset_at(&self, at: Instant) -> Offset {
+        for r in &self.runs {
+            if r.last_at < at {
+                continue;
+            }
+            return match &r.body {
+                Body::Resident { entries, .. } => entries.iter().find(|e| e.at >= at).map_or(r.end, |e| e.offset),
+                Body::Cold { .. } => r.first,
+            };
+        }
+        self.next_offset
     }
 
     /// Unacknowledged messages of a consumer.
@@ -221,9 +436,28 @@ impl Queue {
         self.consumers.get(&consumer).map_or(0, |c| c.inflight)
     }
 
-    fn entry(&self, offset: Offset) -> Option<&Entry> {
-        let i = usize::try_from(offset.checked_sub(self.head)?).ok()?;
-        self.entries.get(i)
+    fn run_index(&self, offset: Offset) -> Option<usize> {
+        let i = self.runs.partition_point(|r| r.end <= offset);
+        let r = self.runs.get(i)?;
+        (r.first <= offset).then_some(i)
+    }
+
+    fn run_by_id(&self, id: u64) -> Option<usize> {
+        self.runs.binary_search_by_key(&id, |r| r.id).ok()
+    }
+
+    fn slot(&self, offset: Offset) -> Slot<'_> {
+        let Some(i) = self.run_index(offset) else { return Slot::Gone };
+        let Some(r) = self.runs.get(i) else { return Slot::Gone };
+        match &r.body {
+            Body::Resident { entries, .. } => {
+                match usize::try_from(offset - r.first).ok().and_then(|k| entries.get(k)) {
+                    Some(e) => Slot::Here(e),
+                    None => Slot::Gone,
+                }
+            }
+            Body::Cold { .. } => Slot::Spilled(i),
+        }
     }
 
     fn group_index(&mut self, name: &str) -> usize {
@@ -241,8 +475,8 @@ impl Queue {
     /// (drop-head).
     pub fn publish(&mut self, message: Message, now: Instant) -> Result<Offset, PublishError> {
         let size = message.payload.len();
-        while self.entries.len() >= self.config.max_messages.max(1)
-            || (!self.entries.is_empty() && self.bytes + size > self.config.max_bytes)
+        while self.depth >= self.config.max_messages.max(1) as u64
+            || (self.depth > 0 && self.bytes + size > self.config.max_bytes)
         {
             match self.config.overflow {
                 Overflow::RejectPublish => {
@@ -269,12 +503,107 @@ impl Queue {
     }
 
     fn push_entry(&mut self, e: Entry) {
-        if self.entries.is_empty() {
+        let cost = entry_cost(&e.message);
+        let size = e.message.payload.len();
+        if self.runs.is_empty() {
             self.head = e.offset;
         }
-        self.bytes += e.message.payload.len();
+        self.depth += 1;
+        self.bytes += size;
+        self.resident += cost;
         self.next_offset = e.offset + 1;
-        self.entries.push_back(e);
+        if let Some(r) = self.runs.back_mut() {
+            if r.end == e.offset && r.len() < self.run_messages && r.bytes + size <= RUN_BYTES {
+                if let Body::Resident { entries, loc: None, spilling: false } = &mut r.body {
+                    r.end += 1;
+                    r.bytes += size;
+                    r.cost += cost;
+                    r.last_at = r.last_at.max(e.at);
+                    entries.push_back(e);
+                    return;
+                }
+            }
+        }
+        let id = self.next_run;
+        self.next_run += 1;
+        self.runs.push_back(Run {
+            id,
+            first: e.offset,
+            end: e.offset + 1,
+            bytes: size,
+            cost,
+            first_at: e.at,
+            last_at: e.at,
+            body: Body::Resident { entries: VecDeque::from([e]), loc: None, spilling: false },
+        });
+    }
+
+    /// Remove every message below `below`. With `dead`, resident messages are returned and
+    /// spilled ones asked for (when the queue dead-letters) to be dead-lettered with that
+    /// reason; the second value counts the spilled ones.
+    fn cut_below(&mut self, below: Offset, dead: Option<DeadReason>) -> (Vec<Message>, u64) {
+        let mut removed = Vec::new();
+        let mut cold = 0u64;
+        let mut io = Vec::new();
+        let target = dead.and(self.dead_letter_target());
+        while let Some(r) = self.runs.front_mut() {
+            if r.first >= below {
+                break;
+            }
+            let n = below.min(r.end) - r.first;
+            let whole = r.end <= below;
+            let run_len = r.len().max(1);
+            match &mut r.body {
+                Body::Resident { entries, spilling, .. } => {
+                    for _ in 0..n {
+                        let Some(e) = entries.pop_front() else { break };
+                        let c = entry_cost(&e.message);
+                        r.cost = r.cost.saturating_sub(c);
+                        r.bytes = r.bytes.saturating_sub(e.message.payload.len());
+                        self.bytes = self.bytes.saturating_sub(e.message.payload.len());
+                        self.resident = self.resident.saturating_sub(c);
+                        if *spilling {
+                            self.spilling = self.spilling.saturating_sub(c);
+                        }
+                        if dead.is_some() {
+                            removed.push(e.message);
+                        }
+                    }
+                }
+                Body::Cold { loc, .. } => {
+                    let cut = if whole { r.bytes } else { r.bytes / run_len as usize * n as usize };
+                    r.bytes -= cut.min(r.bytes);
+                    self.bytes = self.bytes.saturating_sub(cut);
+                    cold += n;
+                    if let (Some(reason), Some(target)) = (dead, &target) {
+                        io.push(Io::DeadLetters { loc: *loc, from: r.first, below: r.first + n, target: target.clone(), reason });
+                    }
+                }
+            }
+            self.depth -= n;
+            r.first += n;
+            if !whole {
+                break;
+            }
+            if let Some(r) = self.runs.pop_front() {
+                if let Body::Resident { spilling: true, .. } = r.body {
+                    self.spilling = self.spilling.saturating_sub(r.cost);
+                }
+                if r.resident() {
+                    self.resident = self.resident.saturating_sub(r.cost);
+                }
+                if let Some(loc) = r.loc() {
+                    io.push(Io::Released { loc });
+                }
+            }
+        }
+        self.head = self.runs.front().map_or(self.next_offset.max(below), |r| r.first);
+        self.io.extend(io);
+        (removed, cold)
+    }
+
+    fn dead_letter_target(&self) -> Option<QueueName> {
+        self.config.dead_letter.clone().filter(|t| *t != self.name)
     }
 
     fn key_of(&self, m: &Message) -> Option<Arc<str>> {
@@ -342,9 +671,19 @@ impl Queue {
             g.available.insert(offset);
             return;
         }
-        if let Some(e) = self.entry(offset) {
-            let message = e.message.clone();
-            self.dead_letter(message, DeadReason::Rejected);
+        match self.slot(offset) {
+            Slot::Here(e) => {
+                let message = e.message.clone();
+                self.dead_letter(message, DeadReason::Rejected);
+            }
+            Slot::Spilled(i) => {
+                // Dead-lettered from the stored copy (at most once, like the other dead letters).
+                if let (Some(target), Some(loc)) = (self.dead_letter_target(), self.runs.get(i).and_then(Run::loc)) {
+                    self.stats.dead_lettered += 1;
+                    self.io.push(Io::DeadLetters { loc, from: offset, below: offset + 1, target, reason: DeadReason::Rejected });
+                }
+            }
+            Slot::Gone => {}
         }
         self.finish(gi, offset);
     }
@@ -372,33 +711,25 @@ impl Queue {
 
     fn trim_done(&mut self) {
         let low = self.groups.iter().map(|g| g.committed).min().unwrap_or(self.next_offset);
-        while self.entries.front().is_some_and(|e| e.offset < low) {
-            if let Some(e) = self.entries.pop_front() {
-                self.bytes -= e.message.payload.len();
-            }
-            self.head += 1;
-        }
-        if self.entries.is_empty() {
-            self.head = self.next_offset;
+        if low > self.head {
+            self.cut_below(low, None);
         }
     }
 
     /// Messages below `below` leave early (expiry, overflow): dead-lettered, and every group is
     /// done with them.
     fn trim_early(&mut self, below: Offset, reason: DeadReason) {
-        let mut removed = Vec::new();
-        while self.entries.front().is_some_and(|e| e.offset < below) {
-            if let Some(e) = self.entries.pop_front() {
-                self.bytes -= e.message.payload.len();
-                removed.push(e.message);
-            }
-            self.head += 1;
-        }
-        if self.entries.is_empty() {
-            self.head = self.next_offset.max(below);
-        }
+        let (removed, cold) = self.cut_below(below, Some(reason));
         for m in removed {
             self.dead_letter(m, reason);
+        }
+        if cold > 0 {
+            if reason == DeadReason::Expired {
+                self.stats.expired += cold;
+            }
+            if self.dead_letter_target().is_some() {
+                self.stats.dead_lettered += cold;
+            }
         }
         self.journal.push(Journal::Trimmed { below });
         self.forget_below(below);
@@ -430,19 +761,35 @@ impl Queue {
             DeadReason::Expired => self.stats.expired += 1,
             DeadReason::Rejected | DeadReason::Overflow => {}
         }
-        if let Some(target) = self.config.dead_letter.clone().filter(|t| *t != self.name) {
+        if let Some(target) = self.dead_letter_target() {
             self.stats.dead_lettered += 1;
+            let message = death_marked(&message, &self.name, reason);
             self.dead.push(DeadLetter { target, message, reason });
         }
     }
 
     /// Ack timeouts (the message goes to another consumer, or is dead-lettered after
-    /// `max_deliveries`) and message TTL. Call a few times a second.
+    /// `max_deliveries`) and message TTL. Call a few times a second. Spilled messages expire
+    /// with their run's newest one.
     pub fn tick(&mut self, now: Instant) {
+        self.io_paused = false;
         if let Some(ttl) = self.config.message_ttl {
-            let expired_below = self.entries.iter().take_while(|e| now.saturating_duration_since(e.at) >= ttl).count();
-            if expired_below > 0 {
-                let below = self.head + expired_below as u64;
+            let expired = |at: Instant| now.saturating_duration_since(at) >= ttl;
+            let mut below = self.head;
+            for r in &self.runs {
+                match &r.body {
+                    Body::Resident { entries, .. } => {
+                        let n = entries.iter().take_while(|e| expired(e.at)).count() as u64;
+                        below = r.first + n;
+                        if n < r.len() {
+                            break;
+                        }
+                    }
+                    Body::Cold { .. } if expired(r.last_at) => below = r.end,
+                    Body::Cold { .. } => break,
+                }
+            }
+            if below > self.head {
                 self.trim_early(below, DeadReason::Expired);
             }
         }
@@ -470,6 +817,7 @@ impl Queue {
         let mut out = Vec::new();
         for gi in 0..self.groups.len() {
             self.dispatch_group(gi, now, &mut out);
+            self.read_ahead(gi);
         }
         self.stats.delivered += out.len() as u64;
         out
@@ -490,19 +838,27 @@ impl Queue {
                 None if g.next < self.next_offset => g.next,
                 None => break,
             };
-            if offset < self.head || offset < g.committed || g.done.contains(&offset) {
-                // Left the queue early meanwhile, or already done (replayed after a restart).
-                let head = self.head;
-                if let Some(g) = self.groups.get_mut(gi) {
-                    g.available.remove(&offset);
-                    if from_available.is_none() {
-                        g.next = (offset + 1).max(head);
-                    }
+            let skip = offset < self.head || offset < g.committed || g.done.contains(&offset);
+            let slot = if skip { Slot::Gone } else { self.slot(offset) };
+            let (message, key) = match slot {
+                Slot::Here(e) => (e.message.clone(), e.key.clone()),
+                Slot::Spilled(i) => {
+                    self.request_load(i);
+                    break;
                 }
-                continue;
-            }
-            let Some(e) = self.entry(offset) else { break };
-            let (message, key) = (e.message.clone(), e.key.clone());
+                Slot::Gone => {
+                    // Left the queue early meanwhile, already done (replayed after a restart),
+                    // or never kept.
+                    let head = self.head;
+                    if let Some(g) = self.groups.get_mut(gi) {
+                        g.available.remove(&offset);
+                        if from_available.is_none() {
+                            g.next = (offset + 1).max(head);
+                        }
+                    }
+                    continue;
+                }
+            };
             let last = g.attempts.get(&offset).map(|a| a.1);
             let Some(consumer) = self.pick(gi, key.as_ref(), last) else {
                 if key.is_some() {
@@ -542,6 +898,162 @@ impl Queue {
                 self.stats.redelivered += 1;
             }
             out.push(Delivered { consumer, offset, message, attempt });
+        }
+    }
+
+    /// A reading group's next run is asked for before the group gets there.
+    fn read_ahead(&mut self, gi: usize) {
+        let Some(g) = self.groups.get(gi) else { return };
+        if g.consumers.is_empty() || g.next >= self.next_offset {
+            return;
+        }
+        let Some(i) = self.run_index(g.next.max(self.head)) else { return };
+        self.request_load(i);
+        self.request_load(i + 1);
+    }
+
+    fn request_load(&mut self, i: usize) {
+        if self.io_paused {
+            return;
+        }
+        if let Some(r) = self.runs.get_mut(i) {
+            if let Body::Cold { loc, loading: false } = r.body {
+                r.body = Body::Cold { loc, loading: true };
+                self.io.push(Io::Load { run: r.id, loc });
+            }
+        }
+    }
+
+    /// The runs a reader is at or about to reach (not spilled while so).
+    fn hot_runs(&self) -> Vec<u64> {
+        let mut hot = Vec::new();
+        for g in &self.groups {
+            if g.consumers.is_empty() {
+                continue;
+            }
+            let at = [Some(g.next.max(self.head)), g.available.first().copied()];
+            for o in at.into_iter().flatten() {
+                if let Some(i) = self.run_index(o) {
+                    hot.extend(self.runs.range(i..(i + 2).min(self.runs.len())).map(|r| r.id));
+                }
+            }
+        }
+        hot
+    }
+
+    /// Over budget: spill the resident runs furthest from any reader, newest first (never the
+    /// run still taking appends). A run with an unchanged copy on disk just drops its messages.
+    fn plan_spills(&mut self) {
+        if self.io_paused || self.resident.saturating_sub(self.spilling) <= self.budget || self.runs.len() < 2 {
+            return;
+        }
+        let hot = self.hot_runs();
+        let mut i = self.runs.len() - 1;
+        let mut scanned = 0;
+        while i > 0 && scanned < 256 && self.resident.saturating_sub(self.spilling) > self.budget {
+            i -= 1;
+            scanned += 1;
+            let Some(r) = self.runs.get_mut(i) else { break };
+            if hot.contains(&r.id) {
+                continue;
+            }
+            match &mut r.body {
+                Body::Resident { loc: Some(loc), spilling: false, .. } => {
+                    let loc = *loc;
+                    self.resident = self.resident.saturating_sub(r.cost);
+                    r.body = Body::Cold { loc, loading: false };
+                }
+                Body::Resident { entries, loc: None, spilling } if !*spilling => {
+                    *spilling = true;
+                    self.spilling += r.cost;
+                    let messages = entries
+                        .iter()
+                        .map(|e| Journal::Appended { offset: e.offset, message: e.message.clone(), key: e.key.clone(), at: e.at })
+                        .collect();
+                    self.io.push(Io::Spill { run: r.id, messages });
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The I/O to do for this queue now: spills (when over budget), loads, dead letters of
+    /// spilled messages, released places. Call after every change (with the journal).
+    pub fn take_io(&mut self) -> Vec<Io> {
+        self.plan_spills();
+        std::mem::take(&mut self.io)
+    }
+
+    /// Run `run` is stored durably at `loc`: its messages may leave memory.
+    pub fn spilled(&mut self, run: u64, loc: SpillLoc) {
+        let Some(r) = self.run_by_id(run).and_then(|i| self.runs.get_mut(i)) else {
+            // Gone while written.
+            self.io.push(Io::Released { loc });
+            return;
+        };
+        if let Body::Resident { loc: l @ None, spilling: s @ true, .. } = &mut r.body {
+            *l = Some(loc);
+            *s = false;
+            self.spilling = self.spilling.saturating_sub(r.cost);
+            self.stats.spilled_runs += 1;
+        } else {
+            self.io.push(Io::Released { loc });
+        }
+    }
+
+    /// Writing run `run` failed: it stays in memory; spilling waits for the next `tick`.
+    pub fn spill_failed(&mut self, run: u64) {
+        self.io_paused = true;
+        let Some(r) = self.run_by_id(run).and_then(|i| self.runs.get_mut(i)) else { return };
+        if let Body::Resident { spilling: s @ true, .. } = &mut r.body {
+            *s = false;
+            self.spilling = self.spilling.saturating_sub(r.cost);
+        }
+    }
+
+    /// Run `run` was read back: `messages` are what it stored (`Journal::Appended`, offset
+    /// order). Err (the run stays spilled; loading waits for the next `tick`) if they are not
+    /// the run's messages.
+    pub fn loaded(&mut self, run: u64, messages: Vec<Journal>) -> Result<(), String> {
+        let Some(i) = self.run_by_id(run) else { return Ok(()) };
+        let Some(r) = self.runs.get_mut(i) else { return Ok(()) };
+        let Body::Cold { loc, loading: true } = r.body else { return Ok(()) };
+        let mut entries = VecDeque::new();
+        let (mut cost, mut bytes) = (0, 0);
+        for j in messages {
+            if let Journal::Appended { offset, message, key, at } = j {
+                if offset >= r.first && offset == r.first + entries.len() as u64 && offset < r.end {
+                    cost += entry_cost(&message);
+                    bytes += message.payload.len();
+                    entries.push_back(Entry { offset, message, at, key });
+                }
+            }
+        }
+        if entries.len() as u64 != r.len() {
+            r.body = Body::Cold { loc, loading: false };
+            self.io_paused = true;
+            return Err(format!(
+                "spilled run at {loc:?} holds {} of offsets {}..{}",
+                entries.len(),
+                r.first,
+                r.end
+            ));
+        }
+        self.bytes = self.bytes.saturating_sub(r.bytes) + bytes;
+        r.bytes = bytes;
+        r.cost = cost;
+        r.body = Body::Resident { entries, loc: Some(loc), spilling: false };
+        self.resident += cost;
+        self.stats.loaded_runs += 1;
+        Ok(())
+    }
+
+    /// Reading run `run` failed; loading waits for the next `tick`.
+    pub fn load_failed(&mut self, run: u64) {
+        self.io_paused = true;
+        let Some(r) = self.run_by_id(run).and_then(|i| self.runs.get_mut(i)) else { return };
+        if let Body::Cold { loc, loading: true } = r.body {
+            r.body = Body::Cold { loc, loading: false };
         }
     }
 
@@ -602,14 +1114,72 @@ impl Queue {
     /// Remove every message (none is dead-lettered); what consumers hold is forgotten (a late
     /// ack is ignored). Returns how many were removed.
     pub fn purge(&mut self) -> usize {
-        let removed = self.entries.len();
-        self.entries.clear();
-        self.bytes = 0;
-        self.head = self.next_offset;
-        let below = self.next_offset;
+        let removed = self.depth();
+        self.remove_below(self.next_offset);
+        removed
+    }
+
+    /// The oldest messages kept, at most `max`, while they are in memory (a spilled run stops
+    /// the list, and is asked for): what a re-drive moves elsewhere before
+    /// [`remove_below`](Self::remove_below).
+    pub fn front(&mut self, max: usize) -> Vec<(Offset, Message)> {
+        let mut out = Vec::new();
+        for i in 0..self.runs.len() {
+            let Some(r) = self.runs.get(i) else { break };
+            match &r.body {
+                Body::Resident { entries, .. } => {
+                    out.extend(entries.iter().take(max - out.len()).map(|e| (e.offset, e.message.clone())));
+                }
+                Body::Cold { .. } => {
+                    self.request_load(i);
+                    break;
+                }
+            }
+            if out.len() >= max {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Remove every message below `below` for every group, without dead-lettering (purge,
+    /// re-drive). Returns how many were removed.
+    pub fn remove_below(&mut self, below: Offset) -> usize {
+        let before = self.depth;
+        let below = below.min(self.next_offset);
+        self.cut_below(below, None);
         self.journal.push(Journal::Trimmed { below });
         self.forget_below(below);
-        removed
+        (before - self.depth) as usize
+    }
+
+    /// Group `group` starts over at `to` (clamped to the messages kept): messages from there on
+    /// are delivered to it again, those before are skipped. What its consumers hold is
+    /// forgotten (their acknowledgements are ignored). Returns where it starts.
+    pub fn seek(&mut self, group: &str, to: Offset) -> Offset {
+        let gi = self.group_index(group);
+        let to = to.clamp(self.head, self.next_offset);
+        self.apply_seek(gi, to);
+        if let Some(g) = self.groups.get(gi) {
+            self.journal.push(Journal::Seek { group: g.name.clone(), to });
+        }
+        self.trim_done();
+        to
+    }
+
+    fn apply_seek(&mut self, gi: usize, to: Offset) {
+        let Some(g) = self.groups.get_mut(gi) else { return };
+        g.committed = to;
+        g.next = to;
+        g.done.clear();
+        g.available.clear();
+        g.attempts.clear();
+        g.keys.clear();
+        for (_, p) in std::mem::take(&mut g.pending) {
+            if let Some(c) = self.consumers.get_mut(&p.consumer) {
+                c.inflight = c.inflight.saturating_sub(1);
+            }
+        }
     }
 
     /// The changes to write to the log since the last call.
@@ -622,20 +1192,49 @@ impl Queue {
         std::mem::take(&mut self.dead)
     }
 
+    /// The first offset replay adds (a run, or a message) when the queue is empty: groups start
+    /// there.
+    fn replay_start(&mut self, offset: Offset) {
+        if self.runs.is_empty() {
+            self.head = offset;
+            for g in &mut self.groups {
+                g.committed = g.committed.max(offset);
+                g.next = g.next.max(offset);
+            }
+        }
+    }
+
     /// Apply a logged change (recovery). Consumers and what they held are not logged: after a
     /// restart every message not done is delivered again.
     pub fn replay(&mut self, entry: Journal) {
         match entry {
             Journal::Appended { offset, message, key, at } => {
                 if offset >= self.next_offset {
-                    if self.entries.is_empty() {
-                        self.head = offset;
-                        for g in &mut self.groups {
-                            g.committed = g.committed.max(offset);
-                            g.next = g.next.max(offset);
-                        }
-                    }
+                    self.replay_start(offset);
                     self.push_entry(Entry { offset, message, at, key });
+                }
+            }
+            Journal::Cold(c) => {
+                if c.end > self.next_offset && c.first < c.end {
+                    let first = c.first.max(self.next_offset);
+                    let total = c.end - c.first;
+                    let bytes = usize::try_from(c.bytes / total * (c.end - first)).unwrap_or(usize::MAX);
+                    self.replay_start(first);
+                    let id = self.next_run;
+                    self.next_run += 1;
+                    self.runs.push_back(Run {
+                        id,
+                        first,
+                        end: c.end,
+                        bytes,
+                        cost: 0,
+                        first_at: c.first_at,
+                        last_at: c.last_at,
+                        body: Body::Cold { loc: c.loc, loading: false },
+                    });
+                    self.depth += c.end - first;
+                    self.bytes += bytes;
+                    self.next_offset = c.end;
                 }
             }
             Journal::Done { group, offset } => {
@@ -647,16 +1246,9 @@ impl Queue {
                 self.trim_done();
             }
             Journal::Trimmed { below } => {
-                while self.entries.front().is_some_and(|e| e.offset < below) {
-                    if let Some(e) = self.entries.pop_front() {
-                        self.bytes -= e.message.payload.len();
-                    }
-                    self.head += 1;
-                }
-                if self.entries.is_empty() {
-                    self.head = self.next_offset.max(below);
-                    self.next_offset = self.next_offset.max(below);
-                }
+                self.cut_below(below, None);
+                self.next_offset = self.next_offset.max(below);
+                self.head = self.runs.front().map_or(self.next_offset, |r| r.first);
                 self.forget_below(below);
             }
             Journal::GroupCreated { group } => {
@@ -678,12 +1270,19 @@ impl Queue {
                 }
                 self.trim_done();
             }
+            Journal::Seek { group, to } => {
+                let gi = self.group_index(&group);
+                let to = to.max(self.head);
+                self.apply_seek(gi, to);
+                self.trim_done();
+            }
         }
         self.journal.clear();
     }
 
-    /// The whole state as journal entries (messages kept, groups, what each group is done with):
-    /// replayed onto a new queue they rebuild this one. For the log's checkpoints.
+    /// The whole state as journal entries (messages kept or where they are spilled, groups,
+    /// what each group is done with): replayed onto a new queue they rebuild this one. For the
+    /// log's checkpoints.
     pub fn snapshot(&self) -> Vec<Journal> {
         let mut out = Vec::new();
         for g in &self.groups {
@@ -692,11 +1291,32 @@ impl Queue {
         if self.head > 0 {
             out.push(Journal::Trimmed { below: self.head });
         }
-        for e in &self.entries {
-            out.push(Journal::Appended { offset: e.offset, message: e.message.clone(), key: e.key.clone(), at: e.at });
+        for r in &self.runs {
+            let cold = |loc: SpillLoc| {
+                Journal::Cold(ColdRun {
+                    first: r.first,
+                    end: r.end,
+                    bytes: r.bytes as u64,
+                    first_at: r.first_at,
+                    last_at: r.last_at,
+                    loc,
+                })
+            };
+            match &r.body {
+                Body::Cold { loc, .. } | Body::Resident { loc: Some(loc), .. } => out.push(cold(*loc)),
+                Body::Resident { entries, loc: None, .. } => {
+                    out.extend(entries.iter().map(|e| Journal::Appended {
+                        offset: e.offset,
+                        message: e.message.clone(),
+                        key: e.key.clone(),
+                        at: e.at,
+                    }));
+                }
+            }
         }
         for g in &self.groups {
-            out.push(Journal::Committed { group: g.name.clone(), below: g.committed });
+            // A seek may have moved a group back: the copy sets where it is.
+            out.push(Journal::Seek { group: g.name.clone(), to: g.committed });
             for &o in &g.done {
                 out.push(Journal::Done { group: g.name.clone(), offset: o });
             }

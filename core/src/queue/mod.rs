@@ -20,8 +20,9 @@ pub mod engine;
 
 pub use config::{Dispatch, KeySource, Overflow, QueueConfig, QueueName, QueueNameError, QueueSettings};
 pub use engine::{
-    ConsumerId, DeadLetter, DeadReason, Delivered, Journal as QueueJournal, PublishError, Queue, QueueStats,
-    DEFAULT_GROUP,
+    death_marked, ColdRun, ConsumerId, DeadLetter, DeadReason, Delivered, Io as QueueIo, Journal as QueueJournal,
+    PublishError, Queue, QueueStats, SpillLoc, DEATH_QUEUE_PROPERTY, DEATH_REASON_PROPERTY, DEFAULT_GROUP,
+    DEFAULT_RESIDENT_BYTES, RUN_MESSAGES,
 };
 
 /// A message's position in its queue: assigned at append, one more per message, never reused.

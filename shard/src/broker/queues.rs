@@ -12,12 +12,13 @@
 //! A message for a queue that arrives at a shard that does not own it is a programmer error: it
 //! is logged and answered as failed, never applied.
 
+use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flux_core::mqtt::QoS;
 use flux_core::queue::{
-    ConsumerId, Dispatch, KeySource, Offset, Overflow, Queue, QueueConfig, QueueJournal, QueueName, DEFAULT_GROUP,
+    ColdRun, ConsumerId, Dispatch, QueueIo, SpillLoc, KeySource, Offset, Overflow, Queue, QueueConfig, QueueJournal, QueueName, DEFAULT_GROUP,
 };
 use flux_core::session::message::QueueTag;
 use flux_core::session::{Delivery, DeliverOutcome, Message, Outbox, Subscribed};
@@ -171,6 +172,18 @@ pub fn queue_record(name: &QueueName, entry: &QueueJournal, clock: &WallClock) -
         QueueJournal::Committed { group, below } => {
             Record::QueueCommitted { name, group: group.to_string(), below: *below }
         }
+        QueueJournal::Cold(c) => Record::QueueColdRun {
+            name,
+            first: c.first,
+            end: c.end,
+            bytes: c.bytes,
+            first_at_ms: clock.to_ms(c.first_at),
+            last_at_ms: clock.to_ms(c.last_at),
+            file: c.loc.file,
+            pos: c.loc.pos,
+            len: c.loc.len,
+        },
+        QueueJournal::Seek { group, to } => Record::QueueSeek { name, group: group.to_string(), to: *to },
     }
 }
 
@@ -243,12 +256,194 @@ pub fn replay_queue_record(
                 r.queue.replay(QueueJournal::Committed { group: Arc::from(group.as_str()), below: *below });
             }
         }
+        Record::QueueColdRun { name, first, end, bytes, first_at_ms, last_at_ms, file, pos, len } => {
+            if let Some(r) = queues.get_mut(name) {
+                r.queue.replay(QueueJournal::Cold(ColdRun {
+                    first: *first,
+                    end: *end,
+                    bytes: *bytes,
+                    first_at: clock.to_instant(*first_at_ms),
+                    last_at: clock.to_instant(*last_at_ms),
+                    loc: SpillLoc { file: *file, pos: *pos, len: *len },
+                }));
+            }
+        }
+        Record::QueueSeek { name, group, to } => {
+            if let Some(r) = queues.get_mut(name) {
+                r.queue.replay(QueueJournal::Seek { group: Arc::from(group.as_str()), to: *to });
+            }
+        }
         _ => return false,
     }
     true
 }
 
+fn new_queue(name: QueueName, config: QueueConfig, budget: usize) -> Queue {
+    let mut q = Queue::new(name, config);
+    q.set_resident_budget(budget);
+    q
+}
+
 impl Broker {
+    /// A queue's memory budget: `queue_memory_bytes` once spill files are open, unbounded before
+    /// (recovery) and without a log.
+    fn queue_budget(&self) -> usize {
+        if self.spill.borrow().is_some() {
+            self.limits.queue_memory_bytes
+        } else {
+            usize::MAX
+        }
+    }
+
+    /// Open this shard's spill files (after the restore: the replayed queues name the runs to
+    /// keep) and give every queue its memory budget.
+    pub fn open_spill(&self, dir: std::path::PathBuf) -> std::io::Result<()> {
+        let live: Vec<SpillLoc> =
+            self.state.borrow().owned_queues.values().flat_map(|q| q.queue.spill_locs()).collect();
+        let store = crate::spill::SpillStore::open(dir, &live)?;
+        *self.spill.borrow_mut() = Some(Rc::new(store));
+        let names: Vec<QueueName> = {
+            let mut st = self.state.borrow_mut();
+            for q in st.owned_queues.values_mut() {
+                q.queue.set_resident_budget(self.limits.queue_memory_bytes);
+            }
+            st.owned_queues.keys().cloned().collect()
+        };
+        let now = Instant::now();
+        for name in names {
+            self.pump_queue(&name, now);
+        }
+        Ok(())
+    }
+
+    /// Hand the queue's I/O requests to the spill task (references to files are taken now, in
+    /// order, so a release never overtakes a read asked for before it).
+    fn queue_io(&self, name: &QueueName, io: Vec<QueueIo>) {
+        let Some(store) = self.spill.borrow().clone() else {
+            // Not open (yet): nothing is spilled, and nothing waits for a read.
+            let mut st = self.state.borrow_mut();
+            let Some(q) = st.owned_queues.get_mut(name) else { return };
+            for i in io {
+                match i {
+                    QueueIo::Spill { run, .. } => q.queue.spill_failed(run),
+                    QueueIo::Load { run, .. } => q.queue.load_failed(run),
+                    QueueIo::DeadLetters { .. } | QueueIo::Released { .. } => {}
+                }
+            }
+            return;
+        };
+        let after = self.log.as_ref().map_or(flux_wal::Lsn(0), |l| l.wal().next_lsn());
+        let mut jobs = self.spill_jobs.borrow_mut();
+        for i in io {
+            match &i {
+                QueueIo::Released { loc } => {
+                    store.release(loc.file, after);
+                    continue;
+                }
+                QueueIo::Load { loc, .. } | QueueIo::DeadLetters { loc, .. } => store.retain(loc.file),
+                QueueIo::Spill { .. } => {}
+            }
+            jobs.push((name.clone(), i));
+        }
+        drop(jobs);
+        self.spill_signal.notify();
+    }
+
+    /// Carry out spill I/O for the life of the shard, and delete spill files no longer needed.
+    pub async fn run_spills(self: Rc<Self>) {
+        loop {
+            futures_lite::future::or(self.spill_signal.wait(), glommio::timer::sleep(Duration::from_secs(1))).await;
+            let Some(store) = self.spill.borrow().clone() else { continue };
+            let jobs = std::mem::take(&mut *self.spill_jobs.borrow_mut());
+            for (name, io) in jobs {
+                let b = self.clone();
+                let store = store.clone();
+                glommio::spawn_local(async move { b.spill_job(&store, name, io).await }).detach();
+            }
+            if let Some(log) = &self.log {
+                store.collect(log.wal().durable_lsn()).await;
+            }
+        }
+    }
+
+    async fn spill_job(&self, store: &crate::spill::SpillStore, name: QueueName, io: QueueIo) {
+        let clock = self.clock;
+        match io {
+            QueueIo::Spill { run, messages } => {
+                let written = match crate::spill::encode_run(&name, &messages, &clock) {
+                    Ok(bytes) => store.write(bytes).await,
+                    Err(e) => Err(std::io::Error::other(e)),
+                };
+                drop(messages);
+                let found = {
+                    let mut st = self.state.borrow_mut();
+                    match (st.owned_queues.get_mut(&name), &written) {
+                        (Some(q), Ok(loc)) => {
+                            q.queue.spilled(run, *loc);
+                            true
+                        }
+                        (Some(q), Err(_)) => {
+                            q.queue.spill_failed(run);
+                            true
+                        }
+                        (None, _) => false,
+                    }
+                };
+                match written {
+                    Err(e) => self.spill_error("spill write failed; the run stays in memory", &name, &e.to_string()),
+                    Ok(loc) if !found => store.release(loc.file, flux_wal::Lsn(0)),
+                    Ok(_) => {}
+                }
+            }
+            QueueIo::Load { run, loc } => {
+                let read = store.read(loc).await.map_err(|e| e.to_string()).and_then(|b| crate::spill::decode_run(&b, &clock));
+                store.release(loc.file, flux_wal::Lsn(0));
+                let result = {
+                    let mut st = self.state.borrow_mut();
+                    let Some(q) = st.owned_queues.get_mut(&name) else { return };
+                    match read {
+                        Ok(messages) => q.queue.loaded(run, messages),
+                        Err(e) => {
+                            q.queue.load_failed(run);
+                            Err(e)
+                        }
+                    }
+                };
+                if let Err(e) = result {
+                    self.spill_error("spilled run cannot be read back; retried", &name, &e);
+                }
+            }
+            QueueIo::DeadLetters { loc, from, below, target, reason } => {
+                let read = store.read(loc).await.map_err(|e| e.to_string()).and_then(|b| crate::spill::decode_run(&b, &clock));
+                store.release(loc.file, flux_wal::Lsn(0));
+                match read {
+                    Ok(messages) => {
+                        let now = Instant::now();
+                        for j in messages {
+                            if let QueueJournal::Appended { offset, message, .. } = j {
+                                if (from..below).contains(&offset) {
+                                    let m = flux_core::queue::death_marked(&message, &name, reason);
+                                    self.route_to_queues_named(&target, m, now);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => self.spill_error("dead letters of a spilled run lost", &name, &e),
+                }
+            }
+            QueueIo::Released { .. } => {}
+        }
+        self.pump_queue(&name, Instant::now());
+    }
+
+    fn spill_error(&self, what: &str, name: &QueueName, error: &str) {
+        let n = self.stats.spill_errors.get() + 1;
+        self.stats.spill_errors.set(n);
+        if n.is_power_of_two() {
+            tracing::error!(queue = %name, error, errors = n, "{what}");
+        }
+    }
+
     fn queue_owner(&self, name: &QueueName) -> ShardId {
         flux_core::shard_for(name.as_str().as_bytes(), self.shard_count)
     }
@@ -263,8 +458,9 @@ impl Broker {
             return;
         }
         let mut st = self.state.borrow_mut();
+        let budget = self.queue_budget();
         let owned = st.owned_queues.entry(name.clone()).or_insert_with(|| OwnedQueue {
-            queue: Queue::new(name.clone(), config.clone()),
+            queue: new_queue(name.clone(), config.clone(), budget),
             filters: Vec::new(),
             consumers: Default::default(),
         });
@@ -288,10 +484,13 @@ impl Broker {
             for f in &r.filters {
                 waits.push(self.broadcast_queue_bind(&name, f));
             }
-            tracing::info!(queue = %name, depth = r.queue.depth(), "queue restored from the WAL");
+            let (runs, spilled) = r.queue.run_counts();
+            tracing::info!(queue = %name, depth = r.queue.depth(), runs, spilled, "queue restored from the WAL");
+            let mut queue = r.queue;
+            queue.set_resident_budget(self.queue_budget());
             self.state.borrow_mut().owned_queues.insert(
                 name,
-                OwnedQueue { queue: r.queue, filters: r.filters, consumers: Default::default() },
+                OwnedQueue { queue, filters: r.filters, consumers: Default::default() },
             );
         }
         waits
@@ -336,10 +535,11 @@ impl Broker {
             return false;
         }
         let mut changed = false;
+        let budget = self.queue_budget();
         let owned = st.owned_queues.entry(name.clone()).or_insert_with(|| {
             changed = true;
             tracing::info!(queue = %name, "queue created");
-            OwnedQueue { queue: Queue::new(name.clone(), QueueConfig::default()), filters: Vec::new(), consumers: Default::default() }
+            OwnedQueue { queue: new_queue(name.clone(), QueueConfig::default(), budget), filters: Vec::new(), consumers: Default::default() }
         });
         if let Some(f) = filter {
             if !owned.filters.contains(f) {
@@ -536,6 +736,11 @@ impl Broker {
                 self.append(queue_record(name, j, &self.clock));
             }
         }
+        // After the journal: a release is durable once these records are.
+        let io = self.state.borrow_mut().owned_queues.get_mut(name).map(|q| q.queue.take_io()).unwrap_or_default();
+        if !io.is_empty() {
+            self.queue_io(name, io);
+        }
         for (d, shard, session) in deliveries {
             if shard == self.me {
                 self.queue_deliver(name.clone(), d.consumer, session, d.offset, d.message, now);
@@ -720,6 +925,8 @@ impl Broker {
                     return Err(format!("no queue {name}"));
                 };
                 self.append(Record::QueueDelete { name: name.as_str().to_owned() });
+                let released = q.queue.spill_locs().into_iter().map(|loc| QueueIo::Released { loc }).collect();
+                self.queue_io(name, released);
                 self.unbind_everywhere(name, &q.filters);
                 tracing::info!(queue = %name, depth = q.queue.depth(), "queue deleted");
                 Ok(q.queue.depth() as u64)
@@ -854,6 +1061,8 @@ impl Broker {
                     })
                     .collect(),
                 stats: q.queue.stats.clone(),
+                resident_bytes: q.queue.resident_bytes(),
+                runs: q.queue.run_counts(),
             })
             .collect()
     }
@@ -869,4 +1078,7 @@ pub struct QueueStatsView {
     /// (group, consumers, messages not yet done, age of the oldest of them in ms)
     pub groups: Vec<(String, usize, u64, Option<u64>)>,
     pub stats: flux_core::queue::QueueStats,
+    /// Memory of the messages held in memory (estimate), and (runs, of which spilled to disk).
+    pub resident_bytes: usize,
+    pub runs: (usize, usize),
 }
