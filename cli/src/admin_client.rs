@@ -25,6 +25,16 @@ pub fn run(addr: &str, action: &QueueCommand) -> anyhow::Result<()> {
         }
         QueueCommand::Delete { name } => ("DELETE", format!("/queues/{}", escape(name)), String::new()),
         QueueCommand::Purge { name } => ("POST", format!("/queues/{}/purge", escape(name)), String::new()),
+        QueueCommand::Seek { name, group, offset, time_ms, since_secs } => {
+            if offset.is_none() && time_ms.is_none() && since_secs.is_none() {
+                bail!("seek needs --offset, --time-ms or --since-secs");
+            }
+            let body = serde_json::json!({ "group": group, "offset": offset, "time_ms": time_ms, "since_secs": since_secs });
+            ("POST", format!("/queues/{}/seek", escape(name)), body.to_string())
+        }
+        QueueCommand::Redrive { name, to, max } => {
+            ("POST", format!("/queues/{}/redrive", escape(name)), serde_json::json!({ "to": to, "max": max }).to_string())
+        }
         QueueCommand::Unbind { name, bind } => {
             ("POST", format!("/queues/{}/unbind", escape(name)), serde_json::json!({ "bind": bind }).to_string())
         }

@@ -104,6 +104,31 @@ pub enum QueueCommand {
     Delete { name: String },
     /// Drop every message of a queue.
     Purge { name: String },
+    /// Make a consumer group start over at an offset, or at the first message appended at or
+    /// after a time (messages still kept: those some group has not finished).
+    Seek {
+        name: String,
+        #[arg(long, default_value = "default")]
+        group: String,
+        #[arg(long, conflicts_with_all = ["time_ms", "since_secs"])]
+        offset: Option<u64>,
+        /// Milliseconds since the Unix epoch.
+        #[arg(long, conflicts_with = "since_secs")]
+        time_ms: Option<u64>,
+        /// This many seconds ago.
+        #[arg(long)]
+        since_secs: Option<u64>,
+    },
+    /// Move messages of a (dead-letter) queue back: to `--to`, or each to the queue it was
+    /// dead-lettered from. Each is stored there durably before it leaves this queue.
+    Redrive {
+        name: String,
+        #[arg(long)]
+        to: Option<String>,
+        /// At most this many (default: all).
+        #[arg(long)]
+        max: Option<u64>,
+    },
     /// Remove bindings of a queue (publishes matching them are no longer stored in it).
     Unbind {
         name: String,

@@ -9,6 +9,8 @@
 //! | `DELETE /queues/<name>` | delete it and its messages |
 //! | `POST /queues/<name>/purge` | drop its messages |
 //! | `POST /queues/<name>/unbind` with `{"bind": [filters]}` | remove bindings |
+//! | `POST /queues/<name>/seek` with `{"group": g, "offset": n}` (or `"time_ms"`, ms since the epoch, or `"since_secs"`) | the group starts over there |
+//! | `POST /queues/<name>/redrive` with `{"to": queue, "max": n}` (both optional) | move messages (of a dead-letter queue) back to `to`, or each to the queue it came from |
 //!
 //! One request per connection (`Connection: close`), bounded in size and time; anything else is
 //! answered 400/404/405 with a JSON `{"error": ...}`.
@@ -215,6 +217,37 @@ async fn route(broker: &Rc<Broker>, req: Request) -> (u16, Value) {
                     match broker.admin_queue_op(&qname, QueueAdminOp::Unbind { filters }).await {
                         Ok(n) => (200, json!({ "name": name, "unbound": n })),
                         Err(e) => (404, json!({ "error": e })),
+                    }
+                }
+                ("POST", ["seek"]) => {
+                    let v: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+                    let group = v.get("group").and_then(Value::as_str).unwrap_or(flux_core::queue::DEFAULT_GROUP).to_owned();
+                    let offset = v.get("offset").and_then(Value::as_u64);
+                    let now_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let time_ms = v.get("time_ms").and_then(Value::as_u64).or_else(|| {
+                        v.get("since_secs").and_then(Value::as_u64).map(|s| now_ms.saturating_sub(s.saturating_mul(1000)))
+                    });
+                    if offset.is_none() && time_ms.is_none() {
+                        return (400, json!({ "error": "expected {\"group\": g, \"offset\": n | \"time_ms\": t | \"since_secs\": s}" }));
+                    }
+                    match broker.admin_queue_op(&qname, QueueAdminOp::Seek { group: group.clone(), offset, time_ms }).await {
+                        Ok(at) => (200, json!({ "name": name, "group": group, "offset": at })),
+                        Err(e) => (404, json!({ "error": e })),
+                    }
+                }
+                ("POST", ["redrive"]) => {
+                    let v: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+                    let to = match v.get("to").and_then(Value::as_str).map(QueueName::parse_any) {
+                        None => None,
+                        Some(Ok(t)) => Some(t),
+                        Some(Err(e)) => return (400, json!({ "error": format!("bad target queue: {e}") })),
+                    };
+                    let max = v.get("max").and_then(Value::as_u64).map_or(usize::MAX, |m| usize::try_from(m).unwrap_or(usize::MAX));
+                    match broker.admin_redrive(&qname, to, max).await {
+                        Ok(n) => (200, json!({ "name": name, "moved": n })),
+                        Err(e) => (500, json!({ "error": e })),
                     }
                 }
                 ("POST", ["purge"]) => match broker.admin_queue_op(&qname, QueueAdminOp::Purge).await {

@@ -98,6 +98,9 @@ struct State {
     /// Answers to this shard's admin requests, by request id.
     admin_stats: HashMap<u64, Vec<queues::QueueStatsView>>,
     admin_results: HashMap<u64, Result<u64, String>>,
+    admin_messages: HashMap<u64, Vec<(flux_core::queue::Offset, Message)>>,
+    /// Requests answered with `Failed` (not publishes: those have their own table).
+    failed_reqs: std::collections::HashSet<u64>,
 }
 
 /// A PUBACK/PUBREC whose reason code waits for the other shards that took the publish.
@@ -1134,8 +1137,9 @@ impl Broker {
                 }
                 ShardMsg::Failed { req, quota } => {
                     let reason = if quota { ReasonCode::QuotaExceeded } else { ReasonCode::UnspecifiedError };
-                    // Only publishes are confirmed with Failed; anything else treats it as an answer.
+                    // Publishes are confirmed with Failed; anything else records it and is answered.
                     if !self.answer_pending_ack(req, Some(reason)) {
+                        self.state.borrow_mut().failed_reqs.insert(req);
                         self.reply(req, Vec::new());
                     }
                 }
@@ -1162,7 +1166,8 @@ impl Broker {
                 | ShardMsg::AdminStats { .. }
                 | ShardMsg::AdminStatsReply { .. }
                 | ShardMsg::QueueAdmin { .. }
-                | ShardMsg::AdminResult { .. }) => self.on_queue_msg(from, m, now),
+                | ShardMsg::AdminResult { .. }
+                | ShardMsg::AdminMessages { .. }) => self.on_queue_msg(from, m, now),
             }
         }
     }

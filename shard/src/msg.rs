@@ -19,6 +19,13 @@ pub enum QueueAdminOp {
     Purge,
     /// Remove these bindings.
     Unbind { filters: Vec<TopicFilter> },
+    /// A consumer group starts over at an offset, or at the first message appended at or after
+    /// a wall-clock time (ms since the Unix epoch); answered with the offset it starts at.
+    Seek { group: String, offset: Option<u64>, time_ms: Option<u64> },
+    /// Send back (`AdminMessages`) the oldest messages kept, at most `max`, while in memory.
+    Front { max: usize },
+    /// Remove every message below `below` (a re-drive moved them); answered with how many.
+    RemoveBelow { below: u64 },
 }
 
 /// A key of the replicated route table.
@@ -91,4 +98,5 @@ pub enum ShardMsg {
     /// Admin, to the queue's owner: change a queue; answered with `AdminResult`.
     QueueAdmin { name: QueueName, op: QueueAdminOp, req: u64 },
     AdminResult { req: u64, result: Result<u64, String> },
+    AdminMessages { req: u64, messages: Vec<(Offset, flux_core::session::Message)> },
 }

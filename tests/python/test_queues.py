@@ -320,3 +320,59 @@ def test_max_queues_bounds_the_queues_clients_create(qbroker, client):
     want = {n: (0 if first_per_shard[shard_for(n)] == n else 0x97) for n in names}
     assert codes == want, codes
     wait_until(lambda: "max_queues" in b.log(), WAIT, "a log line about the refused queue")
+
+
+def test_dead_letters_name_their_origin_and_redrive_moves_them_back(qbroker, client, raw):
+    config = ('[[queue]]\nname = "rd"\nbind = ["rd/#"]\nmax_deliveries = 1\ndead_letter = "rd-dlq"\n'
+              'ack_timeout_ms = 0\n\n[[queue]]\nname = "rd-dlq"\n')
+    b = qbroker(extra_config=config)
+    r = raw_consumer(raw, b, cid("q-rdc"), "$queue/rd")
+    pub = client(b, cid("q-rdp"), version=5)
+    for i in range(3):
+        assert pub.publish("rd/x", b"m%d" % i, qos=1) == 0
+        kind, flags, body = r.expect(PUBLISH)
+        r.send(puback(publish_fields(5, flags, body)["packet_id"], 0x80))
+    r.close()
+    wait_until(lambda: fluxd_queue(b, "stats", "rd-dlq")[1]["depth"] == 3, WAIT, "3 dead letters")
+    # A second group reads the dead letters without taking them from the default group.
+    look = client(b, cid("q-rdl"), version=5)
+    group = props(PacketTypes.SUBSCRIBE, UserProperty=[("group", "inspect")])
+    assert look.subscribe("$queue/rd-dlq", qos=1, properties=group) == [1]
+    m = look.expect(WAIT, "a dead letter")
+    up = dict(m.properties.UserProperty)
+    assert up.get("x-death-queue") == "rd" and up.get("x-death-reason") == "rejected", up
+    look.disconnect()
+    rc, out = fluxd_queue(b, "redrive", "rd-dlq")
+    assert rc == 0 and out["moved"] == 3, out
+    assert fluxd_queue(b, "stats", "rd-dlq")[1]["depth"] == 0
+    c = client(b, cid("q-rdn"), version=5)
+    assert c.subscribe("$queue/rd", qos=1) == [1]
+    assert [x.payload for x in drain(c, 3, "re-driven message")] == [b"m0", b"m1", b"m2"]
+
+
+def test_seek_replays_a_group_from_an_offset_or_a_time(qbroker, client):
+    b = qbroker()
+    # A second group that never reads keeps the messages in the queue after the default group
+    # acknowledged them: a seek can go back that far.
+    keep = client(b, cid("q-sk"), version=5)
+    group = props(PacketTypes.SUBSCRIBE, UserProperty=[("group", "archive")])
+    assert keep.subscribe("$queue/hist/hist/#", qos=1, properties=group) == [1]
+    keep.disconnect()
+    pub = client(b, cid("q-sp"), version=5)
+    for i in range(5):
+        assert pub.publish("hist/x", b"h%d" % i, qos=1) == 0
+    c = client(b, cid("q-sc"), version=5)
+    assert c.subscribe("$queue/hist", qos=1) == [1]
+    want = [b"h%d" % i for i in range(5)]
+    assert [m.payload for m in drain(c, 5, "first read")] == want
+    wait_until(lambda: fluxd_queue(b, "stats", "hist")[1]["groups"][0]["lag_messages"] == 0
+               if fluxd_queue(b, "stats", "hist")[1]["groups"][0]["group"] == "default"
+               else fluxd_queue(b, "stats", "hist")[1]["groups"][1]["lag_messages"] == 0,
+               WAIT, "default group acknowledged everything")
+    rc, out = fluxd_queue(b, "seek", "hist", "--offset", "3")
+    assert rc == 0 and out["offset"] == 3, out
+    assert [m.payload for m in drain(c, 2, "after seek to 3")] == want[3:]
+    rc, out = fluxd_queue(b, "seek", "hist", "--since-secs", "3600")
+    assert rc == 0 and out["offset"] == 0, out
+    assert [m.payload for m in drain(c, 5, "after seek to an hour ago")] == want
+    c.expect_none()

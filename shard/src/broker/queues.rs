@@ -883,9 +883,17 @@ impl Broker {
                 self.state.borrow_mut().admin_stats.entry(req).or_default().extend(stats);
                 self.reply(req, Vec::new());
             }
+            ShardMsg::QueueAdmin { name, op: QueueAdminOp::Front { max }, req } => {
+                let messages = self.queue_front_local(&name, max, now);
+                self.mesh.send(from, ShardMsg::AdminMessages { req, messages });
+            }
             ShardMsg::QueueAdmin { name, op, req } => {
                 let result = self.queue_admin_local(&name, op, now);
                 self.mesh.send(from, ShardMsg::AdminResult { req, result });
+            }
+            ShardMsg::AdminMessages { req, messages } => {
+                self.state.borrow_mut().admin_messages.insert(req, messages);
+                self.reply(req, Vec::new());
             }
             ShardMsg::AdminResult { req, result } => {
                 self.state.borrow_mut().admin_results.insert(req, result);
@@ -941,6 +949,31 @@ impl Broker {
                 self.append(record);
                 self.unbind_everywhere(name, &filters);
                 Ok(filters.len() as u64)
+            }
+            QueueAdminOp::Seek { group, offset, time_ms } => {
+                let to = {
+                    let mut st = self.state.borrow_mut();
+                    let Some(q) = st.owned_queues.get_mut(name) else { return Err(format!("no queue {name}")) };
+                    let to = match (offset, time_ms) {
+                        (Some(o), _) => o,
+                        (None, Some(ms)) => q.queue.offset_at(self.clock.to_instant(ms)),
+                        (None, None) => return Err("seek needs an offset or a time".into()),
+                    };
+                    q.queue.seek(&group, to)
+                };
+                self.pump_queue(name, now);
+                tracing::info!(queue = %name, group, offset = to, "consumer group seeked");
+                Ok(to)
+            }
+            QueueAdminOp::Front { .. } => Err("front is answered with messages".into()),
+            QueueAdminOp::RemoveBelow { below } => {
+                let removed = {
+                    let mut st = self.state.borrow_mut();
+                    let Some(q) = st.owned_queues.get_mut(name) else { return Err(format!("no queue {name}")) };
+                    q.queue.remove_below(below)
+                };
+                self.pump_queue(name, now);
+                Ok(removed as u64)
             }
             QueueAdminOp::Purge => {
                 let removed = {
@@ -1010,6 +1043,97 @@ impl Broker {
         self.mesh.send(owner, ShardMsg::QueueAdmin { name: name.clone(), op, req });
         g.done().await;
         self.state.borrow_mut().admin_results.remove(&req).unwrap_or_else(|| Err("no answer".into()))
+    }
+
+    /// On the owner: the oldest messages of `name` in memory (a spilled head is asked for).
+    fn queue_front_local(&self, name: &QueueName, max: usize, now: Instant) -> Vec<(Offset, Message)> {
+        let front = {
+            let mut st = self.state.borrow_mut();
+            let Some(q) = st.owned_queues.get_mut(name) else { return Vec::new() };
+            q.queue.front(max)
+        };
+        self.pump_queue(name, now);
+        front
+    }
+
+    /// Admin: the oldest messages of `name`, from its owner.
+    async fn admin_front(&self, name: &QueueName, max: usize) -> Vec<(Offset, Message)> {
+        let owner = self.queue_owner(name);
+        if owner == self.me {
+            return self.queue_front_local(name, max, Instant::now());
+        }
+        let g = GatherState::new(1);
+        let req = self.next_req();
+        self.state.borrow_mut().pending.insert(req, g.clone());
+        self.mesh.send(owner, ShardMsg::QueueAdmin { name: name.clone(), op: QueueAdminOp::Front { max }, req });
+        g.done().await;
+        self.state.borrow_mut().admin_messages.remove(&req).unwrap_or_default()
+    }
+
+    /// Append `message` to queue `target` (created if missing) and wait until its owner has it
+    /// durably. False if refused (full, or the owner's log failed).
+    async fn append_durably(&self, target: &QueueName, message: Message) -> bool {
+        let owner = self.queue_owner(target);
+        if owner == self.me {
+            let ok = self.queue_append_local(target, message, Instant::now(), true) == Appended::Stored;
+            return ok && self.flush_log().await;
+        }
+        let g = GatherState::new(1);
+        let req = self.next_req();
+        self.state.borrow_mut().pending.insert(req, g.clone());
+        self.mesh.send(owner, ShardMsg::QueueAppend { name: target.clone(), message, confirm: Some(req), create: true });
+        g.done().await;
+        !self.state.borrow_mut().failed_reqs.remove(&req)
+    }
+
+    async fn flush_log(&self) -> bool {
+        match &self.log {
+            Some(log) => log.flush().await,
+            None => true,
+        }
+    }
+
+    /// Admin: move up to `max` messages of (dead-letter) queue `from` to `to`, or each to the
+    /// queue it was dead-lettered from (`x-death-queue`). Each is appended durably before it is
+    /// removed from `from`: a crash in between leaves it in both (at least once). Returns how
+    /// many moved.
+    pub async fn admin_redrive(&self, from: &QueueName, to: Option<QueueName>, max: usize) -> Result<u64, String> {
+        let mut moved = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (moved as usize) < max && Instant::now() < deadline {
+            let batch = self.admin_front(from, (max - moved as usize).min(512)).await;
+            if batch.is_empty() {
+                let empty = self.admin_list().await.iter().find(|s| s.name == from.as_str()).is_none_or(|s| s.depth == 0);
+                if empty {
+                    break;
+                }
+                // The head is on disk and being read back.
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            let mut below = None;
+            for (offset, m) in batch {
+                let target = match &to {
+                    Some(t) => t.clone(),
+                    None => {
+                        let origin = m.properties.user_properties.iter().find(|(k, _)| k == flux_core::queue::DEATH_QUEUE_PROPERTY);
+                        match origin.and_then(|(_, v)| QueueName::parse_any(v).ok()) {
+                            Some(t) => t,
+                            None => return Err(format!("message at offset {offset} names no queue it came from; give --to")),
+                        }
+                    }
+                };
+                if !self.append_durably(&target, m).await {
+                    break;
+                }
+                below = Some(offset + 1);
+                moved += 1;
+            }
+            let Some(below) = below else { return Err(format!("queue refused the re-driven message ({moved} moved)")) };
+            self.admin_queue_op(from, QueueAdminOp::RemoveBelow { below }).await?;
+        }
+        tracing::info!(queue = %from, moved, "dead letters re-driven");
+        Ok(moved)
     }
 
     /// Ack timeouts and TTLs of the queues this shard owns.
