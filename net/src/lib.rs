@@ -202,6 +202,7 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
     glommio::spawn_local(broker.clone().run_confirmations()).detach();
     glommio::spawn_local(broker.clone().run_checkpoints()).detach();
     glommio::spawn_local(log.clone().run_flusher()).detach();
+    glommio::spawn_local(log.clone().run_spare()).detach();
     for wait in broker.restore(replayed, Instant::now()) {
         wait.done().await;
     }

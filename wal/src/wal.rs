@@ -351,6 +351,21 @@ impl<S: Storage> Wal<S> {
         }
     }
 
+    /// Make the next segment ready ahead of its rollover (see [`Storage::prepare_spare`]); run
+    /// it off the commit path (a background task), and again after each rollover. Ok(true)
+    /// when it made one.
+    pub async fn prepare_spare(&self) -> std::io::Result<bool> {
+        if self.poisoned().is_some() {
+            return Ok(false);
+        }
+        self.storage.prepare_spare(self.config.segment_size_bytes).await
+    }
+
+    /// Whether the next rollover finds a segment ready.
+    pub fn has_spare(&self) -> bool {
+        self.storage.has_spare()
+    }
+
     /// The LSN the next append gets.
     pub fn next_lsn(&self) -> Lsn {
         Lsn(self.state.borrow().next_lsn)

@@ -47,7 +47,15 @@ pub struct DmaStorage {
     dir: PathBuf,
     options: DmaStorageOptions,
     files: RefCell<HashMap<u64, Rc<DmaFile>>>,
+    /// A segment allocated and zero-filled ahead of its rollover (under [`SPARE_FILE_NAME`]),
+    /// with its size; and whether one is being made.
+    spare: RefCell<Option<(Rc<DmaFile>, u64)>>,
+    preparing: std::cell::Cell<bool>,
 }
+
+/// Name of the spare segment file while it waits for its rollover (not a segment: recovery
+/// ignores it, and `open` deletes a leftover one).
+pub const SPARE_FILE_NAME: &str = "spare.wal.tmp";
 
 impl DmaStorage {
     /// Opens (creating it if needed) the segment directory `dir`. Must run inside a glommio
@@ -63,10 +71,16 @@ impl DmaStorage {
         std::fs::write(&probe, [0x46u8; BLOCK])?;
         let f = DmaFile::open(&probe).await?;
         f.close().await?;
+        match std::fs::remove_file(dir.join(SPARE_FILE_NAME)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         Ok(DmaStorage {
             dir,
             options,
             files: RefCell::new(HashMap::new()),
+            spare: RefCell::new(None),
+            preparing: std::cell::Cell::new(false),
         })
     }
 
@@ -105,12 +119,29 @@ impl DmaStorage {
         if let Some(old) = self.forget(id) {
             close_quietly(old).await;
         }
+        let spare = self.spare.borrow_mut().take();
+        if let Some((f, size)) = spare {
+            if size == size_bytes {
+                std::fs::rename(self.dir.join(SPARE_FILE_NAME), self.path(id))?;
+                self.files.borrow_mut().insert(id, f);
+                return self.sync_dir().await;
+            }
+            close_quietly(f).await;
+            let _ = std::fs::remove_file(self.dir.join(SPARE_FILE_NAME));
+        }
+        let f = self.allocate(&self.path(id), size_bytes).await?;
+        self.files.borrow_mut().insert(id, Rc::new(f));
+        self.sync_dir().await
+    }
+
+    /// A file at `path` of `size_bytes`, allocated, zero-filled (with `prezero`) and synced.
+    async fn allocate(&self, path: &Path, size_bytes: u64) -> io::Result<DmaFile> {
         let f = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .dma_open(self.path(id))
+            .dma_open(path)
             .await?;
         f.pre_allocate(size_bytes, false).await?;
         if self.options.prezero {
@@ -132,8 +163,7 @@ impl DmaStorage {
             }
         }
         f.fdatasync().await?;
-        self.files.borrow_mut().insert(id, Rc::new(f));
-        self.sync_dir().await
+        Ok(f)
     }
 
     fn forget(&self, id: u64) -> Option<Rc<DmaFile>> {
@@ -217,6 +247,31 @@ impl Storage for DmaStorage {
 
     async fn sync(&self, id: u64) -> io::Result<()> {
         self.file(id).await?.fdatasync().await.map_err(Into::into)
+    }
+
+    async fn prepare_spare(&self, size_bytes: u64) -> io::Result<bool> {
+        if self.spare.borrow().is_some() || self.preparing.get() {
+            return Ok(false);
+        }
+        self.preparing.set(true);
+        let path = self.dir.join(SPARE_FILE_NAME);
+        let made = self.allocate(&path, size_bytes).await;
+        self.preparing.set(false);
+        match made {
+            Ok(f) => {
+                *self.spare.borrow_mut() = Some((Rc::new(f), size_bytes));
+                Ok(true)
+            }
+            Err(e) => {
+                // A full disk: do not hold the space a partial spare took.
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
+    }
+
+    fn has_spare(&self) -> bool {
+        self.spare.borrow().is_some()
     }
 
     fn describe(&self, id: u64) -> String {

@@ -49,6 +49,19 @@ pub trait Storage {
 
     /// How to name segment `id` in logs and errors (a file path for file storage).
     fn describe(&self, id: u64) -> String;
+
+    /// Makes a spare segment of `size_bytes` ready ahead of time, so that the next
+    /// [`create_segment`](Storage::create_segment) of that size only renames it (instead of
+    /// allocating and zero-filling inside a group commit). Ok(false) when one is ready already
+    /// or the storage has no use for it.
+    async fn prepare_spare(&self, _size_bytes: u64) -> io::Result<bool> {
+        Ok(false)
+    }
+
+    /// Whether a spare segment is ready (see [`prepare_spare`](Storage::prepare_spare)).
+    fn has_spare(&self) -> bool {
+        true
+    }
 }
 
 /// File name of segment `id`: its first LSN, zero-padded so names sort like numbers.
