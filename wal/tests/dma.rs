@@ -200,3 +200,31 @@ fn relative_directory_creates_segments_and_recovers() {
         assert_eq!(got.len(), 10);
     });
 }
+
+#[test]
+fn rollover_takes_the_spare_segment_and_recovery_reads_through_it() {
+    let dir = tempdir();
+    let path = dir.path().to_path_buf();
+    run_glommio(move || async move {
+        let (wal, _, _) = open(&path, config(64 << 10)).await.unwrap();
+        assert!(wal.prepare_spare().await.unwrap(), "a spare is made");
+        assert!(wal.has_spare());
+        assert!(!wal.prepare_spare().await.unwrap(), "one spare at a time");
+        assert!(path.join("spare.wal.tmp").exists());
+        let mut n = 0u64;
+        // Enough records to roll over into a second segment.
+        while wal.segment_ids().len() < 2 {
+            wal.append_commit(&rec(n)).await.unwrap();
+            n += 1;
+        }
+        assert!(!wal.has_spare(), "the rollover took the spare");
+        assert!(!path.join("spare.wal.tmp").exists());
+        let seg = path.join(segment_file_name(wal.segment_ids()[1]));
+        assert_eq!(std::fs::metadata(&seg).unwrap().len(), 64 << 10);
+        assert!(wal.prepare_spare().await.unwrap());
+        drop(wal);
+        let (_, got, _) = open(&path, config(64 << 10)).await.unwrap();
+        assert_eq!(got.len() as u64, n, "every committed record recovered across the spare");
+        assert!(!path.join("spare.wal.tmp").exists(), "a leftover spare is removed at open");
+    });
+}
