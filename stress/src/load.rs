@@ -233,8 +233,8 @@ impl LoadSpec {
                 MAX_DURATION.as_secs()
             );
         }
-        if self.drain > Duration::from_secs(60) {
-            bail!("drain must be at most 60 s");
+        if self.drain > Duration::from_secs(300) {
+            bail!("drain must be at most 300 s");
         }
         match self.mode {
             Mode::Fixed { rate_per_sec }

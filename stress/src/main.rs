@@ -102,7 +102,7 @@ struct QueueArgs {
     /// before and after), then attach the consumers and time the drain.
     #[arg(long)]
     backlog: Option<u64>,
-    /// Backlog: bound on the fill, and on the drain, seconds (at most 60).
+    /// Backlog: bound on the fill, and on the drain, seconds (at most 300).
     #[arg(long, default_value_t = 60.0)]
     backlog_secs: f64,
     /// fluxd durability mode (fluxd's default: fsync).

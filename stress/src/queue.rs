@@ -113,8 +113,8 @@ impl QueueSpec {
                     self.max_messages
                 );
             }
-            if self.backlog_bound.is_zero() || self.backlog_bound > Duration::from_secs(60) {
-                bail!("--backlog-secs must be in (0, 60]");
+            if self.backlog_bound.is_zero() || self.backlog_bound > Duration::from_secs(300) {
+                bail!("--backlog-secs must be in (0, 300]");
             }
         }
         if self.prefetch == 0 {
@@ -889,7 +889,7 @@ mod tests {
             },
             QueueSpec {
                 backlog: Some(1000),
-                backlog_bound: Duration::from_secs(61),
+                backlog_bound: Duration::from_secs(301),
                 ..spec()
             },
             QueueSpec {
