@@ -97,6 +97,8 @@ struct Model {
     dead: BTreeSet<(usize, u64)>,
     last_first: [Option<u64>; 2],
     crashed: bool,
+    /// Per group: done before the last crash (may be delivered again once).
+    done_at_crash: [BTreeSet<u64>; 2],
     /// Spill mode: runs of 3 messages, no memory budget; `disk` plays the runtime's spill files.
     spill: bool,
     disk: HashMap<SpillLoc, Vec<QueueJournal>>,
@@ -136,6 +138,7 @@ impl Model {
             dead: BTreeSet::new(),
             last_first: [None, None],
             crashed: false,
+            done_at_crash: [BTreeSet::new(), BTreeSet::new()],
             spill,
             disk: HashMap::new(),
             io: Default::default(),
@@ -186,13 +189,15 @@ impl Model {
                 match self.q.publish(message(seq), self.now) {
                     Ok(_) => {
                         self.published.insert(seq);
+                        assert!(self.q.depth() <= self.config.max_messages, "accepted beyond the limit");
                     }
                     Err(_) => {
-                        assert_eq!(self.q.depth(), self.config.max_messages, "refused below the limit");
+                        // At the limit (or above it after a crash brought back messages whose
+                        // acknowledgements were not journalled yet).
+                        assert!(self.q.depth() >= self.config.max_messages, "refused below the limit");
                         self.refused.insert(seq);
                     }
                 }
-                assert!(self.q.depth() <= self.config.max_messages);
             }
             Op::Attach { consumer, group, prefetch } => {
                 self.release_all(consumer);
@@ -239,8 +244,11 @@ impl Model {
                 for e in self.q.snapshot() {
                     from_snapshot.replay(e);
                 }
-                assert_eq!(from_snapshot.depth(), q.depth());
-                assert_eq!(from_snapshot.group_lag().iter().map(|l| l.2).collect::<Vec<_>>(), q.group_lag().iter().map(|l| l.2).collect::<Vec<_>>());
+                // The snapshot knows every acknowledgement; the journal may lack the last batch.
+                assert!(from_snapshot.depth() <= q.depth());
+                for (a, b) in from_snapshot.group_lag().iter().zip(q.group_lag().iter()) {
+                    assert!(a.2 <= b.2, "snapshot lag {} above the journal's {}", a.2, b.2);
+                }
                 // Requests in flight die with the process; written runs stay on disk.
                 self.io.clear();
                 self.q = if self.spill { from_snapshot } else { q };
@@ -250,6 +258,7 @@ impl Model {
                 self.deliveries.clear();
                 self.last_first = [None, None];
                 self.crashed = true;
+                self.done_at_crash = self.done.clone();
             }
         }
         self.journal.extend(self.q.take_journal());
@@ -302,8 +311,16 @@ impl Model {
             let c = d.consumer.0;
             let (g, _) = *self.consumers.get(&c).expect("delivered to an attached consumer");
             assert!(self.published.contains(&seq), "delivered {seq}, never published");
-            assert!(!self.done[g].contains(&seq), "delivered {seq} to group {g} after it was done");
-            assert!(!self.dead.contains(&(g, seq)), "dead-lettered {seq} delivered again");
+            // Acknowledgements are journalled in batches: after a crash, what was done before it
+            // may come again (at least once); what was done since may not.
+            let again = self.done_at_crash[g].contains(&seq);
+            assert!(again || !self.done[g].contains(&seq), "delivered {seq} to group {g} after it was done");
+            assert!(again || !self.dead.contains(&(g, seq)), "dead-lettered {seq} delivered again");
+            if again {
+                self.done[g].remove(&seq);
+                self.dead.remove(&(g, seq));
+                self.done_at_crash[g].remove(&seq);
+            }
             assert!(self.held.insert((g, seq), c).is_none(), "{seq} held twice in group {g}");
             self.deadline.insert((g, seq), self.now + Duration::from_secs(2));
             let n = self.deliveries.entry((g, seq)).or_insert(0);
@@ -351,7 +368,9 @@ impl Model {
                 assert!(self.done[g].contains(&seq), "group {g}: message {seq} lost");
             }
         }
-        assert_eq!(self.acked_twice, 0, "acknowledged twice");
+        if !self.crashed {
+            assert_eq!(self.acked_twice, 0, "acknowledged twice");
+        }
         assert_eq!(self.q.depth(), 0, "everything done yet still queued");
         self.io.extend(self.q.take_io());
         self.do_io(usize::MAX);

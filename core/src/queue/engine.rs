@@ -28,6 +28,8 @@ pub const DEFAULT_GROUP: &str = "default";
 pub const RUN_MESSAGES: u64 = 1024;
 /// Payload bytes in one run at most (a larger message has a run of its own).
 pub const RUN_BYTES: usize = 256 << 10;
+/// Acknowledgements journalled together at most (see [`Queue::take_journal`]).
+pub const ACK_LOG_BATCH: usize = 256;
 /// Memory a queue's resident messages may cost before runs are spilled (the default budget).
 pub const DEFAULT_RESIDENT_BYTES: usize = 8 << 20;
 /// What a resident message costs beyond its payload and topic (message, entry, bookkeeping).
@@ -212,6 +214,8 @@ struct Group {
     name: Arc<str>,
     /// Every offset below is done for this group.
     committed: Offset,
+    /// `committed` as last journalled.
+    logged_committed: Offset,
     /// Lowest offset never handed to this group.
     next: Offset,
     /// Done offsets at or above `committed`.
@@ -233,6 +237,7 @@ impl Group {
         Group {
             name,
             committed: start,
+            logged_committed: start,
             next: start,
             done: BTreeSet::new(),
             pending: BTreeMap::new(),
@@ -314,6 +319,11 @@ pub struct Queue {
     journal: Vec<Journal>,
     dead: Vec<DeadLetter>,
     io: Vec<Io>,
+    /// Acknowledgements not journalled yet (see [`Queue::take_journal`]): how many, the groups'
+    /// offsets done out of order among them, and whether the next take writes them anyway.
+    acks_unlogged: usize,
+    unlogged_done: Vec<(usize, Offset)>,
+    log_acks_now: bool,
     rng: u64,
     pub stats: QueueStats,
 }
@@ -340,6 +350,9 @@ impl Queue {
             journal: Vec::new(),
             dead: Vec::new(),
             io: Vec::new(),
+            acks_unlogged: 0,
+            unlogged_done: Vec::new(),
+            log_acks_now: false,
             rng: seed | 1,
             stats: QueueStats::default(),
         };
@@ -701,12 +714,36 @@ impl Queue {
         Some(gi)
     }
 
-    /// Group `gi` is done with `offset`; journal it and drop what every group is done with.
+    /// Group `gi` is done with `offset`; drop what every group is done with. Journalled in
+    /// batches (see [`take_journal`](Self::take_journal)).
     fn finish(&mut self, gi: usize, offset: Offset) {
         let Some(g) = self.groups.get_mut(gi) else { return };
         g.mark_done(offset);
-        self.journal.push(Journal::Done { group: g.name.clone(), offset });
+        if offset >= g.committed {
+            self.unlogged_done.push((gi, offset));
+        }
+        self.acks_unlogged += 1;
         self.trim_done();
+    }
+
+    /// Journal the acknowledgements since the last time: per group its committed offset, and
+    /// what it finished above it.
+    fn log_acks(&mut self) {
+        for g in &mut self.groups {
+            if g.committed > g.logged_committed {
+                self.journal.push(Journal::Committed { group: g.name.clone(), below: g.committed });
+                g.logged_committed = g.committed;
+            }
+        }
+        for (gi, offset) in std::mem::take(&mut self.unlogged_done) {
+            if let Some(g) = self.groups.get(gi) {
+                if offset >= g.committed && g.done.contains(&offset) {
+                    self.journal.push(Journal::Done { group: g.name.clone(), offset });
+                }
+            }
+        }
+        self.acks_unlogged = 0;
+        self.log_acks_now = false;
     }
 
     fn trim_done(&mut self) {
@@ -773,6 +810,7 @@ impl Queue {
     /// with their run's newest one.
     pub fn tick(&mut self, now: Instant) {
         self.io_paused = false;
+        self.log_acks_now = true;
         if let Some(ttl) = self.config.message_ttl {
             let expired = |at: Instant| now.saturating_duration_since(at) >= ttl;
             let mut below = self.head;
@@ -1157,6 +1195,9 @@ impl Queue {
     /// are delivered to it again, those before are skipped. What its consumers hold is
     /// forgotten (their acknowledgements are ignored). Returns where it starts.
     pub fn seek(&mut self, group: &str, to: Offset) -> Offset {
+        if self.acks_unlogged > 0 {
+            self.log_acks();
+        }
         let gi = self.group_index(group);
         let to = to.clamp(self.head, self.next_offset);
         self.apply_seek(gi, to);
@@ -1170,6 +1211,7 @@ impl Queue {
     fn apply_seek(&mut self, gi: usize, to: Offset) {
         let Some(g) = self.groups.get_mut(gi) else { return };
         g.committed = to;
+        g.logged_committed = to;
         g.next = to;
         g.done.clear();
         g.available.clear();
@@ -1182,9 +1224,22 @@ impl Queue {
         }
     }
 
-    /// The changes to write to the log since the last call.
+    /// The changes to write to the log since the last call. Acknowledgements are written in
+    /// batches: every [`ACK_LOG_BATCH`] of them, at each `tick`, and before a run whose place
+    /// on disk is released (so the release is never durable before the acknowledgements that
+    /// allowed it). A crash loses at most the batch since: those messages are delivered again
+    /// (at least once), and the log carries one record per batch instead of one per message.
     pub fn take_journal(&mut self) -> Vec<Journal> {
+        let releases = self.io.iter().any(|i| matches!(i, Io::Released { .. }));
+        if self.acks_unlogged > 0 && (self.log_acks_now || releases || self.acks_unlogged >= ACK_LOG_BATCH) {
+            self.log_acks();
+        }
         std::mem::take(&mut self.journal)
+    }
+
+    /// Journal every acknowledgement at the next [`take_journal`](Self::take_journal).
+    pub fn log_acks_soon(&mut self) {
+        self.log_acks_now = true;
     }
 
     /// Messages for dead-letter queues since the last call.
@@ -1278,6 +1333,11 @@ impl Queue {
             }
         }
         self.journal.clear();
+        self.unlogged_done.clear();
+        self.acks_unlogged = 0;
+        for g in &mut self.groups {
+            g.logged_committed = g.committed;
+        }
     }
 
     /// The whole state as journal entries (messages kept or where they are spilled, groups,
