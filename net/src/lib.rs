@@ -201,6 +201,7 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
     inbound.spawn_drains(None, move |from, batch| b.on_shard_msgs(from, batch));
     glommio::spawn_local(broker.clone().run_confirmations()).detach();
     glommio::spawn_local(broker.clone().run_checkpoints()).detach();
+    glommio::spawn_local(broker.clone().run_pumps()).detach();
     glommio::spawn_local(log.clone().run_flusher()).detach();
     glommio::spawn_local(log.clone().run_spare()).detach();
     for wait in broker.restore(replayed, Instant::now()) {

@@ -139,6 +139,11 @@ pub struct Broker {
     /// Spill I/O to start (queue, request), and the signal of the task that starts it.
     spill_jobs: RefCell<Vec<(flux_core::queue::QueueName, flux_core::queue::QueueIo)>>,
     spill_signal: crate::signal::Signal,
+    /// Queues whose dispatch waits for the pump task (one dispatch per burst of acks and
+    /// appends, not per message), that task's signal, and whether it runs.
+    dirty_queues: RefCell<std::collections::HashSet<flux_core::queue::QueueName>>,
+    pump_signal: crate::signal::Signal,
+    pumps_running: Cell<bool>,
 }
 
 /// A slot under `max_connections`; released on drop.
@@ -182,6 +187,9 @@ impl Broker {
             spill: RefCell::new(None),
             spill_jobs: RefCell::new(Vec::new()),
             spill_signal: crate::signal::Signal::default(),
+            dirty_queues: RefCell::new(Default::default()),
+            pump_signal: crate::signal::Signal::default(),
+            pumps_running: Cell::new(false),
         }
     }
 

@@ -1115,38 +1115,39 @@ impl Queue {
             g.keys.insert(key.clone(), c);
             return has_room(&c, consumers).then_some(c);
         }
-        let with_room: Vec<ConsumerId> = g.consumers.iter().copied().filter(|c| has_room(c, consumers)).collect();
-        if with_room.is_empty() {
+        // Candidates: consumers with room; a redelivery avoids its last consumer when another
+        // has room. No allocation: this runs once per delivered message.
+        let with_room = g.consumers.iter().filter(|c| has_room(c, consumers)).count();
+        if with_room == 0 {
             return None;
         }
-        // A redelivery goes elsewhere when another consumer has room.
-        let choices: Vec<ConsumerId> = match avoid {
-            Some(a) if with_room.len() > 1 => with_room.iter().copied().filter(|c| *c != a).collect(),
-            _ => with_room,
-        };
-        let chosen = match self.config.dispatch {
-            Dispatch::LeastInflight => choices.iter().copied().min_by_key(|c| consumers.get(c).map_or(0, |x| x.inflight)),
+        let avoid = avoid.filter(|a| with_room > 1 && has_room(a, consumers));
+        let eligible = |c: &ConsumerId| has_room(c, consumers) && Some(*c) != avoid;
+        match self.config.dispatch {
+            Dispatch::LeastInflight => {
+                g.consumers.iter().copied().filter(eligible).min_by_key(|c| consumers.get(c).map_or(0, |x| x.inflight))
+            }
             Dispatch::Random => {
                 self.rng ^= self.rng << 13;
                 self.rng ^= self.rng >> 7;
                 self.rng ^= self.rng << 17;
-                choices.get((self.rng % choices.len() as u64) as usize).copied()
+                let count = with_room - usize::from(avoid.is_some());
+                let k = (self.rng % count.max(1) as u64) as usize;
+                g.consumers.iter().copied().filter(eligible).nth(k)
             }
             Dispatch::RoundRobin | Dispatch::KeyAffine(_) => {
-                // The next consumer after the cursor that is among the choices.
-                let mut pick = None;
+                // The next eligible consumer after the cursor.
                 for step in 0..n {
-                    let c = g.consumers[(g.cursor + step) % n];
-                    if choices.contains(&c) {
-                        g.cursor = (g.cursor + step + 1) % n;
-                        pick = Some(c);
-                        break;
+                    let i = (g.cursor + step) % n;
+                    let c = g.consumers[i];
+                    if eligible(&c) {
+                        g.cursor = (i + 1) % n;
+                        return Some(c);
                     }
                 }
-                pick
+                None
             }
-        };
-        chosen
+        }
     }
 
     /// Remove every message (none is dead-lettered); what consumers hold is forgotten (a late

@@ -708,7 +708,7 @@ impl Broker {
             let Some(q) = st.owned_queues.get_mut(name) else { return Appended::NoQueue };
             q.queue.publish(message, now).is_ok()
         };
-        self.pump_queue(name, now);
+        self.pump_later(name, now);
         if ok {
             Appended::Stored
         } else {
@@ -719,6 +719,38 @@ impl Broker {
 
     /// Write the queue's journal, hand out what its consumers have room for, and move its dead
     /// letters on.
+    /// As [`pump_queue`](Self::pump_queue), but the dispatch waits for the pump task, so a burst
+    /// of acknowledgements and appends costs one dispatch. The journal is written now: an
+    /// append's record must be in the log before its confirmation is asked for.
+    fn pump_later(&self, name: &QueueName, now: Instant) {
+        if !self.pumps_running.get() {
+            return self.pump_queue(name, now);
+        }
+        let journal = self.state.borrow_mut().owned_queues.get_mut(name).map(|q| q.queue.take_journal()).unwrap_or_default();
+        if self.log.is_some() {
+            for j in &journal {
+                self.append(queue_record(name, j, &self.clock));
+            }
+        }
+        if self.dirty_queues.borrow_mut().insert(name.clone()) {
+            self.pump_signal.notify();
+        }
+    }
+
+    /// The pump task: dispatches the queues changed since it last ran. Runs for the life of
+    /// the shard.
+    pub async fn run_pumps(self: Rc<Self>) {
+        self.pumps_running.set(true);
+        loop {
+            self.pump_signal.wait().await;
+            let names: Vec<QueueName> = self.dirty_queues.borrow_mut().drain().collect();
+            let now = Instant::now();
+            for name in names {
+                self.pump_queue(&name, now);
+            }
+        }
+    }
+
     fn pump_queue(&self, name: &QueueName, now: Instant) {
         let (journal, deliveries, dead) = {
             let mut st = self.state.borrow_mut();
@@ -818,7 +850,7 @@ impl Broker {
             q.queue.detach(consumer);
             q.consumers.remove(&consumer);
         }
-        self.pump_queue(name, now);
+        self.pump_later(name, now);
     }
 
     fn on_queue_ack(&self, name: &QueueName, consumer: ConsumerId, offset: Offset, accepted: bool, now: Instant) {
@@ -831,7 +863,7 @@ impl Broker {
                 q.queue.reject(consumer, offset);
             }
         }
-        self.pump_queue(name, now);
+        self.pump_later(name, now);
     }
 
     /// Queue messages from other shards.
