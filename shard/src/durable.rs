@@ -606,7 +606,8 @@ impl Replayed {
             | Record::QueueGroup { .. }
             | Record::QueueCommitted { .. }
             | Record::QueueColdRun { .. }
-            | Record::QueueSeek { .. } => {}
+            | Record::QueueSeek { .. }
+            | Record::QueueDoneMany { .. } => {}
         }
     }
 

@@ -244,6 +244,9 @@ pub enum Record {
     },
     /// Consumer group `group` of queue `name` starts over at offset `to` (a seek; checkpoints).
     QueueSeek { name: String, group: String, to: u64 },
+    /// `group` of queue `name` is done with each of `offsets` (acknowledgements out of order,
+    /// journalled in a batch).
+    QueueDoneMany { name: String, group: String, offsets: Vec<u64> },
 }
 
 impl ArchivedRecord {

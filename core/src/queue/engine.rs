@@ -29,7 +29,9 @@ pub const RUN_MESSAGES: u64 = 1024;
 /// Payload bytes in one run at most (a larger message has a run of its own).
 pub const RUN_BYTES: usize = 256 << 10;
 /// Acknowledgements journalled together at most (see [`Queue::take_journal`]).
-pub const ACK_LOG_BATCH: usize = 256;
+pub const ACK_LOG_BATCH: usize = 1024;
+/// Offsets in one `DoneMany` at most (a record stays well under the log's frame limits).
+const DONE_MANY_MAX: usize = 4096;
 /// Memory a queue's resident messages may cost before runs are spilled (the default budget).
 pub const DEFAULT_RESIDENT_BYTES: usize = 8 << 20;
 /// What a resident message costs beyond its payload and topic (message, entry, bookkeeping).
@@ -114,6 +116,8 @@ pub enum Journal {
     Appended { offset: Offset, message: Message, key: Option<Arc<str>>, at: Instant },
     /// `group` is done with `offset` (acknowledged, or dead-lettered).
     Done { group: Arc<str>, offset: Offset },
+    /// `group` is done with each of `offsets` (a batch of acknowledgements out of order).
+    DoneMany { group: Arc<str>, offsets: Vec<Offset> },
     /// Every message below `below` left the queue early (expired, dropped by overflow, purged,
     /// moved by a re-drive).
     Trimmed { below: Offset },
@@ -735,10 +739,22 @@ impl Queue {
                 g.logged_committed = g.committed;
             }
         }
+        let mut per_group: Vec<Vec<Offset>> = vec![Vec::new(); self.groups.len()];
         for (gi, offset) in std::mem::take(&mut self.unlogged_done) {
-            if let Some(g) = self.groups.get(gi) {
+            if let (Some(g), Some(list)) = (self.groups.get(gi), per_group.get_mut(gi)) {
                 if offset >= g.committed && g.done.contains(&offset) {
-                    self.journal.push(Journal::Done { group: g.name.clone(), offset });
+                    list.push(offset);
+                }
+            }
+        }
+        for (g, offsets) in self.groups.iter().zip(per_group) {
+            match offsets.len() {
+                0 => {}
+                1 => self.journal.push(Journal::Done { group: g.name.clone(), offset: offsets[0] }),
+                _ => {
+                    for chunk in offsets.chunks(DONE_MANY_MAX) {
+                        self.journal.push(Journal::DoneMany { group: g.name.clone(), offsets: chunk.to_vec() });
+                    }
                 }
             }
         }
@@ -1226,7 +1242,8 @@ impl Queue {
     }
 
     /// The changes to write to the log since the last call. Acknowledgements are written in
-    /// batches: every [`ACK_LOG_BATCH`] of them, at each `tick`, and before a run whose place
+    /// batches: every [`ACK_LOG_BATCH`] of them (one record per group: its committed offset and
+    /// what it finished above it), at each `tick`, and before a run whose place
     /// on disk is released (so the release is never durable before the acknowledgements that
     /// allowed it). A crash loses at most the batch since: those messages are delivered again
     /// (at least once), and the log carries one record per batch instead of one per message.
@@ -1297,6 +1314,16 @@ impl Queue {
                 let gi = self.group_index(&group);
                 if let Some(g) = self.groups.get_mut(gi) {
                     g.mark_done(offset);
+                    g.next = g.next.max(g.committed);
+                }
+                self.trim_done();
+            }
+            Journal::DoneMany { group, offsets } => {
+                let gi = self.group_index(&group);
+                if let Some(g) = self.groups.get_mut(gi) {
+                    for o in offsets {
+                        g.mark_done(o);
+                    }
                     g.next = g.next.max(g.committed);
                 }
                 self.trim_done();
@@ -1378,8 +1405,9 @@ impl Queue {
         for g in &self.groups {
             // A seek may have moved a group back: the copy sets where it is.
             out.push(Journal::Seek { group: g.name.clone(), to: g.committed });
-            for &o in &g.done {
-                out.push(Journal::Done { group: g.name.clone(), offset: o });
+            let done: Vec<Offset> = g.done.iter().copied().collect();
+            for chunk in done.chunks(DONE_MANY_MAX) {
+                out.push(Journal::DoneMany { group: g.name.clone(), offsets: chunk.to_vec() });
             }
         }
         out

@@ -167,6 +167,9 @@ pub fn queue_record(name: &QueueName, entry: &QueueJournal, clock: &WallClock) -
             at_ms: clock.to_ms(*at),
         },
         QueueJournal::Done { group, offset } => Record::QueueDone { name, group: group.to_string(), offset: *offset },
+        QueueJournal::DoneMany { group, offsets } => {
+            Record::QueueDoneMany { name, group: group.to_string(), offsets: offsets.clone() }
+        }
         QueueJournal::Trimmed { below } => Record::QueueTrim { name, below: *below },
         QueueJournal::GroupCreated { group } => Record::QueueGroup { name, group: group.to_string() },
         QueueJournal::Committed { group, below } => {
@@ -266,6 +269,11 @@ pub fn replay_queue_record(
                     last_at: clock.to_instant(*last_at_ms),
                     loc: SpillLoc { file: *file, pos: *pos, len: *len },
                 }));
+            }
+        }
+        Record::QueueDoneMany { name, group, offsets } => {
+            if let Some(r) = queues.get_mut(name) {
+                r.queue.replay(QueueJournal::DoneMany { group: Arc::from(group.as_str()), offsets: offsets.clone() });
             }
         }
         Record::QueueSeek { name, group, to } => {
