@@ -177,7 +177,8 @@ impl SpillStore {
         };
         let mut n = 0;
         for seq in gone {
-            match std::fs::remove_file(self.path(seq)) {
+            // Off the executor thread (unlinking a large file takes milliseconds).
+            match glommio::io::remove(self.path(seq)).await.map_err(io::Error::from) {
                 Ok(()) => n += 1,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => {
