@@ -514,3 +514,45 @@ fn backlog_beyond_the_budget_spills_and_comes_back_in_order() {
     assert!(disk.is_empty(), "{} runs never released", disk.len());
     assert!(q.stats.spilled_runs > 0 && q.stats.loaded_runs > 0);
 }
+
+/// One message held while 100,000 after it are acknowledged: the group's record of what it did
+/// out of order is one range (in memory and in a checkpoint), and replays to the same lag.
+#[test]
+fn acks_past_a_held_message_are_kept_as_a_range() {
+    let mut q = Queue::new(QueueName::new("held").expect("name"), QueueConfig { default_prefetch: 1, ..QueueConfig::default() });
+    let now = Instant::now();
+    for seq in 0..100_001u64 {
+        q.publish(message(seq), now).expect("room");
+    }
+    q.attach(ConsumerId(1), DEFAULT_GROUP, 1);
+    let held = q.dispatch(now);
+    assert_eq!(held.len(), 1);
+    q.attach(ConsumerId(2), DEFAULT_GROUP, 1000);
+    let mut acked = 0;
+    while acked < 100_000 {
+        let ds = q.dispatch(now);
+        assert!(!ds.is_empty(), "stalled after {acked}");
+        for d in ds {
+            assert_eq!(d.consumer, ConsumerId(2));
+            assert!(q.ack(d.consumer, d.offset));
+            acked += 1;
+        }
+    }
+    let snapshot = q.snapshot();
+    let ranges: Vec<_> = snapshot
+        .iter()
+        .filter_map(|j| match j {
+            QueueJournal::DoneRanges { ranges, .. } => Some(ranges.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ranges, vec![vec![(1, 100_001)]]);
+    let mut r = Queue::new(QueueName::new("held").expect("name"), QueueConfig::default());
+    for j in snapshot {
+        r.replay(j);
+    }
+    assert_eq!(r.group_lag()[0].2, 1, "only the held message is left");
+    assert_eq!(q.group_lag()[0].2, 1);
+    assert!(q.ack(ConsumerId(1), held[0].offset));
+    assert_eq!(q.depth(), 0, "acking the held message finishes the queue");
+}

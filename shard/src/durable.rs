@@ -607,7 +607,8 @@ impl Replayed {
             | Record::QueueCommitted { .. }
             | Record::QueueColdRun { .. }
             | Record::QueueSeek { .. }
-            | Record::QueueDoneMany { .. } => {}
+            | Record::QueueDoneMany { .. }
+            | Record::QueueDoneRanges { .. } => {}
         }
     }
 

@@ -247,6 +247,9 @@ pub enum Record {
     /// `group` of queue `name` is done with each of `offsets` (acknowledgements out of order,
     /// journalled in a batch).
     QueueDoneMany { name: String, group: String, offsets: Vec<u64> },
+    /// `group` of queue `name` is done with every offset of the half-open ranges
+    /// `starts[i]..ends[i]` (checkpoints).
+    QueueDoneRanges { name: String, group: String, starts: Vec<u64>, ends: Vec<u64> },
 }
 
 impl ArchivedRecord {

@@ -118,6 +118,8 @@ pub enum Journal {
     Done { group: Arc<str>, offset: Offset },
     /// `group` is done with each of `offsets` (a batch of acknowledgements out of order).
     DoneMany { group: Arc<str>, offsets: Vec<Offset> },
+    /// `group` is done with every offset of each half-open range (checkpoints).
+    DoneRanges { group: Arc<str>, ranges: Vec<(Offset, Offset)> },
     /// Every message below `below` left the queue early (expired, dropped by overflow, purged,
     /// moved by a re-drive).
     Trimmed { below: Offset },
@@ -209,6 +211,85 @@ impl Run {
         }
     }
 }
+/// Offsets as half-open ranges: acknowledgements out of order are mostly runs of neighbours, so
+/// a long stretch acknowledged past one held message costs one entry, not one per offset.
+#[derive(Default)]
+struct OffsetSet {
+    ranges: BTreeMap<Offset, Offset>,
+    count: u64,
+}
+
+impl OffsetSet {
+    fn contains(&self, o: Offset) -> bool {
+        self.ranges.range(..=o).next_back().is_some_and(|(_, &end)| end > o)
+    }
+
+    fn insert(&mut self, o: Offset) {
+        if self.contains(o) {
+            return;
+        }
+        self.count += 1;
+        let before = self.ranges.range(..o).next_back().filter(|(_, &end)| end == o).map(|(&s, _)| s);
+        let after = self.ranges.get(&(o + 1)).copied();
+        match (before, after) {
+            (Some(s), Some(e)) => {
+                self.ranges.remove(&(o + 1));
+                self.ranges.insert(s, e);
+            }
+            (Some(s), None) => {
+                self.ranges.insert(s, o + 1);
+            }
+            (None, Some(e)) => {
+                self.ranges.remove(&(o + 1));
+                self.ranges.insert(o, e);
+            }
+            (None, None) => {
+                self.ranges.insert(o, o + 1);
+            }
+        }
+    }
+
+    /// If a range starts at `at`, remove it and return its end.
+    fn take_from(&mut self, at: Offset) -> Option<Offset> {
+        let end = self.ranges.remove(&at)?;
+        self.count -= end - at;
+        Some(end)
+    }
+
+    /// Forget every offset below `below`.
+    fn cut_below(&mut self, below: Offset) {
+        while let Some((&s, &e)) = self.ranges.iter().next() {
+            if s >= below {
+                break;
+            }
+            self.ranges.remove(&s);
+            if e > below {
+                self.ranges.insert(below, e);
+                self.count -= below - s;
+                break;
+            }
+            self.count -= e - s;
+        }
+    }
+
+    fn len(&self) -> u64 {
+        self.count
+    }
+
+    fn clear(&mut self) {
+        self.ranges.clear();
+        self.count = 0;
+    }
+
+    fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    fn ranges(&self) -> impl Iterator<Item = (Offset, Offset)> + '_ {
+        self.ranges.iter().map(|(&s, &e)| (s, e))
+    }
+}
+
 struct Pending {
     consumer: ConsumerId,
     deadline: Option<Instant>,
@@ -223,7 +304,7 @@ struct Group {
     /// Lowest offset never handed to this group.
     next: Offset,
     /// Done offsets at or above `committed`.
-    done: BTreeSet<Offset>,
+    done: OffsetSet,
     /// Delivered and not yet acknowledged.
     pending: BTreeMap<Offset, Pending>,
     /// Available again (rejected, timed out, released by a departed consumer, or deferred by
@@ -243,7 +324,7 @@ impl Group {
             committed: start,
             logged_committed: start,
             next: start,
-            done: BTreeSet::new(),
+            done: OffsetSet::default(),
             pending: BTreeMap::new(),
             available: BTreeSet::new(),
             attempts: HashMap::new(),
@@ -259,8 +340,8 @@ impl Group {
         if offset >= self.committed {
             self.done.insert(offset);
         }
-        while self.done.remove(&self.committed) {
-            self.committed += 1;
+        if let Some(end) = self.done.take_from(self.committed) {
+            self.committed = end;
         }
     }
 }
@@ -417,7 +498,7 @@ impl Queue {
         self.groups
             .iter()
             .map(|g| {
-                let lag = self.next_offset.saturating_sub(g.committed).saturating_sub(g.done.len() as u64);
+                let lag = self.next_offset.saturating_sub(g.committed).saturating_sub(g.done.len());
                 let oldest = self.appended_at(g.committed.max(self.head));
                 (g.name.clone(), g.consumers.len(), lag, oldest)
             })
@@ -742,7 +823,7 @@ impl Queue {
         let mut per_group: Vec<Vec<Offset>> = vec![Vec::new(); self.groups.len()];
         for (gi, offset) in std::mem::take(&mut self.unlogged_done) {
             if let (Some(g), Some(list)) = (self.groups.get(gi), per_group.get_mut(gi)) {
-                if offset >= g.committed && g.done.contains(&offset) {
+                if offset >= g.committed && g.done.contains(offset) {
                     list.push(offset);
                 }
             }
@@ -799,12 +880,12 @@ impl Queue {
                 }
             }
             g.available = g.available.split_off(&below);
-            g.done = g.done.split_off(&below);
+            g.done.cut_below(below);
             g.attempts.retain(|o, _| *o >= below);
             g.committed = g.committed.max(below);
             g.next = g.next.max(below);
-            while g.done.remove(&g.committed) {
-                g.committed += 1;
+            if let Some(end) = g.done.take_from(g.committed) {
+                g.committed = end;
             }
         }
     }
@@ -892,7 +973,7 @@ impl Queue {
                 None if g.next < self.next_offset => g.next,
                 None => break,
             };
-            let skip = offset < self.head || offset < g.committed || g.done.contains(&offset);
+            let skip = offset < self.head || offset < g.committed || g.done.contains(offset);
             let slot = if skip { Slot::Gone } else { self.slot(offset) };
             let (message, key) = match slot {
                 Slot::Here(e) => (e.message.clone(), e.key.clone()),
@@ -1328,6 +1409,20 @@ impl Queue {
                 }
                 self.trim_done();
             }
+            Journal::DoneRanges { group, ranges } => {
+                let gi = self.group_index(&group);
+                if let Some(g) = self.groups.get_mut(gi) {
+                    for (start, end) in ranges {
+                        // A huge range is mostly below `committed` after a restart; either way
+                        // one pass over it.
+                        for o in start.max(g.committed)..end {
+                            g.mark_done(o);
+                        }
+                    }
+                    g.next = g.next.max(g.committed);
+                }
+                self.trim_done();
+            }
             Journal::Trimmed { below } => {
                 self.cut_below(below, None);
                 self.next_offset = self.next_offset.max(below);
@@ -1342,11 +1437,11 @@ impl Queue {
                 if let Some(g) = self.groups.get_mut(gi) {
                     if below > g.committed {
                         g.committed = below;
-                        g.done = g.done.split_off(&below);
+                        g.done.cut_below(below);
                         g.attempts.retain(|o, _| *o >= below);
                         g.available = g.available.split_off(&below);
-                        while g.done.remove(&g.committed) {
-                            g.committed += 1;
+                        if let Some(end) = g.done.take_from(g.committed) {
+                            g.committed = end;
                         }
                     }
                     g.next = g.next.max(g.committed);
@@ -1405,9 +1500,11 @@ impl Queue {
         for g in &self.groups {
             // A seek may have moved a group back: the copy sets where it is.
             out.push(Journal::Seek { group: g.name.clone(), to: g.committed });
-            let done: Vec<Offset> = g.done.iter().copied().collect();
-            for chunk in done.chunks(DONE_MANY_MAX) {
-                out.push(Journal::DoneMany { group: g.name.clone(), offsets: chunk.to_vec() });
+            if !g.done.is_empty() {
+                let ranges: Vec<(Offset, Offset)> = g.done.ranges().collect();
+                for chunk in ranges.chunks(DONE_MANY_MAX) {
+                    out.push(Journal::DoneRanges { group: g.name.clone(), ranges: chunk.to_vec() });
+                }
             }
         }
         out

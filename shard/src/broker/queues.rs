@@ -170,6 +170,12 @@ pub fn queue_record(name: &QueueName, entry: &QueueJournal, clock: &WallClock) -
         QueueJournal::DoneMany { group, offsets } => {
             Record::QueueDoneMany { name, group: group.to_string(), offsets: offsets.clone() }
         }
+        QueueJournal::DoneRanges { group, ranges } => Record::QueueDoneRanges {
+            name,
+            group: group.to_string(),
+            starts: ranges.iter().map(|r| r.0).collect(),
+            ends: ranges.iter().map(|r| r.1).collect(),
+        },
         QueueJournal::Trimmed { below } => Record::QueueTrim { name, below: *below },
         QueueJournal::GroupCreated { group } => Record::QueueGroup { name, group: group.to_string() },
         QueueJournal::Committed { group, below } => {
@@ -274,6 +280,12 @@ pub fn replay_queue_record(
         Record::QueueDoneMany { name, group, offsets } => {
             if let Some(r) = queues.get_mut(name) {
                 r.queue.replay(QueueJournal::DoneMany { group: Arc::from(group.as_str()), offsets: offsets.clone() });
+            }
+        }
+        Record::QueueDoneRanges { name, group, starts, ends } => {
+            if let Some(r) = queues.get_mut(name) {
+                let ranges = starts.iter().copied().zip(ends.iter().copied()).filter(|(s, e)| s < e).collect();
+                r.queue.replay(QueueJournal::DoneRanges { group: Arc::from(group.as_str()), ranges });
             }
         }
         Record::QueueSeek { name, group, to } => {
