@@ -324,7 +324,7 @@ impl ShardLog {
         let mut failures = 0u64;
         loop {
             glommio::timer::sleep(Duration::from_millis(20)).await;
-            if self.wal.has_spare() || self.wal.poisoned().is_some() {
+            if self.wal.has_spare() || self.wal.poisoned().is_some() || self.wal.segment_ids().is_empty() {
                 continue;
             }
             if let Err(e) = self.wal.prepare_spare().await {

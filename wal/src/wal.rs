@@ -355,7 +355,8 @@ impl<S: Storage> Wal<S> {
     /// it off the commit path (a background task), and again after each rollover. Ok(true)
     /// when it made one.
     pub async fn prepare_spare(&self) -> std::io::Result<bool> {
-        if self.poisoned().is_some() {
+        // Not for a log that has never been written (an idle broker keeps no spare).
+        if self.poisoned().is_some() || self.state.borrow().segments.is_empty() {
             return Ok(false);
         }
         self.storage.prepare_spare(self.config.segment_size_bytes).await

@@ -207,11 +207,13 @@ fn rollover_takes_the_spare_segment_and_recovery_reads_through_it() {
     let path = dir.path().to_path_buf();
     run_glommio(move || async move {
         let (wal, _, _) = open(&path, config(64 << 10)).await.unwrap();
+        assert!(!wal.prepare_spare().await.unwrap(), "a log never written keeps no spare");
+        wal.append_commit(&rec(0)).await.unwrap();
+        let mut n = 1u64;
         assert!(wal.prepare_spare().await.unwrap(), "a spare is made");
         assert!(wal.has_spare());
         assert!(!wal.prepare_spare().await.unwrap(), "one spare at a time");
         assert!(path.join("spare.wal.tmp").exists());
-        let mut n = 0u64;
         // Enough records to roll over into a second segment.
         while wal.segment_ids().len() < 2 {
             wal.append_commit(&rec(n)).await.unwrap();

@@ -47,9 +47,9 @@ pub struct DmaStorage {
     dir: PathBuf,
     options: DmaStorageOptions,
     files: RefCell<HashMap<u64, Rc<DmaFile>>>,
-    /// A segment allocated and zero-filled ahead of its rollover (under [`SPARE_FILE_NAME`]),
-    /// with its size; and whether one is being made.
-    spare: RefCell<Option<(Rc<DmaFile>, u64)>>,
+    /// The size of the segment allocated and zero-filled ahead of its rollover (under
+    /// [`SPARE_FILE_NAME`], closed: it holds no descriptor), and whether one is being made.
+    spare: RefCell<Option<u64>>,
     preparing: std::cell::Cell<bool>,
 }
 
@@ -120,13 +120,12 @@ impl DmaStorage {
             close_quietly(old).await;
         }
         let spare = self.spare.borrow_mut().take();
-        if let Some((f, size)) = spare {
+        if let Some(size) = spare {
             if size == size_bytes {
+                // Opened on its first write, like a segment found at start.
                 glommio::io::rename(self.dir.join(SPARE_FILE_NAME), self.path(id)).await.map_err(io::Error::from)?;
-                self.files.borrow_mut().insert(id, f);
                 return self.sync_dir().await;
             }
-            close_quietly(f).await;
             let _ = std::fs::remove_file(self.dir.join(SPARE_FILE_NAME));
         }
         let f = self.allocate(&self.path(id), size_bytes).await?;
@@ -261,7 +260,8 @@ impl Storage for DmaStorage {
         self.preparing.set(false);
         match made {
             Ok(f) => {
-                *self.spare.borrow_mut() = Some((Rc::new(f), size_bytes));
+                f.close().await?;
+                *self.spare.borrow_mut() = Some(size_bytes);
                 Ok(true)
             }
             Err(e) => {
