@@ -111,6 +111,7 @@ def test_flux_closing_a_stalled_client_frees_its_socket(broker_with):
     skip_under_mosquitto("counts fluxd's own file descriptors")
     b = broker_with(close_flush_timeout_secs=1)
     fds = lambda: len(os.listdir(f"/proc/{b.proc.pid}/fd"))
+    b.admin_addr()  # fluxd opens its admin listener after the MQTT one: count from there
     baseline = fds()
     stalled = Raw(b)
     stalled.connect(4, cid("stalled-ka", 1), keepalive=1)
