@@ -306,6 +306,10 @@ impl SleepNotifier {
     }
 
     pub(crate) fn notify(&self, force: bool) {
+        // Flux patch (see FLUX-PATCHES.md): pairs with the fence the sleeper issues after
+        // `prepare_to_sleep` (upstream relies on a membarrier syscall there instead): the
+        // producer's push must be visible before it reads `should_notify`.
+        std::sync::atomic::fence(Ordering::SeqCst);
         if self
             .should_notify
             .compare_exchange(true, false, Ordering::Relaxed, Ordering::Relaxed)

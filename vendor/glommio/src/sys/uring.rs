@@ -37,7 +37,7 @@ use crate::{
         self,
         blocking::{BlockingThreadOp, BlockingThreadPool},
         dma_buffer::{BufferStorage, DmaBuffer},
-        membarrier, DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
+        DirectIo, EnqueuedSource, EnqueuedStatus, InnerSource, IoBuffer,
         PollableStatus, Source, SourceType, Statx, TimeSpec64,
     },
     uring_sys::{self, IoRingOp},
@@ -1860,10 +1860,14 @@ impl Reactor {
             // last time until now it could be that something happened in a remote executor
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
-            // See https://www.scylladb.com/2018/02/15/memory-barriers-seastar-linux/ for
-            // details. This translates to `sys_membarrier()` /
-            // `MEMBARRIER_CMD_PRIVATE_EXPEDITED`
-            membarrier::heavy();
+            // Flux patch (see FLUX-PATCHES.md): upstream issues `membarrier::heavy()` here
+            // (`sys_membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, an IPI to every CPU running
+            // this process) on every sleep, so that notifiers may skip a fence. Instead both
+            // sides use a SeqCst fence: here, between publishing `should_notify` and re-reading
+            // the channels, and in `SleepNotifier::notify`, between a producer's push and its
+            // read of `should_notify`. Either the producer sees the flag and writes the eventfd,
+            // or this sweep sees the item.
+            std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
             let events = process_remote_channels() + self.flush_syscall_thread();
             if events == 0 {
                 if self.eventfd_src.is_installed().unwrap() {
