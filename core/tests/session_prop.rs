@@ -163,7 +163,7 @@ impl Model {
         }
         assert_eq!(describe(&from_snapshot), describe(&self.image), "checkpoint and journal disagree");
         self.dropped_before_crash += self.session.stats.dropped_queue_full;
-        self.session = Session::restore(self.image.clone(), &self.limits);
+        self.session = Session::restore(self.image.clone(), &std::sync::Arc::new(self.limits.clone()));
         self.online = false;
         self.owed.clear();
     }

@@ -64,17 +64,21 @@ async fn read_some(stream: &RefCell<TcpStream>, buf: &mut BytesMut) -> Read {
     .await
 }
 
-/// Write all of `data`, borrowing the stream only inside `poll`.
-async fn write_all(stream: &RefCell<TcpStream>, data: &[u8]) -> std::io::Result<()> {
+/// Write all of `data`, borrowing the stream only inside `poll`. A plain `poll_fn` (not an
+/// `async fn`): it is part of every connection's task state.
+fn write_all<'a>(stream: &'a RefCell<TcpStream>, data: &'a [u8]) -> impl Future<Output = std::io::Result<()>> + 'a {
     let mut written = 0;
-    while written < data.len() {
-        let n = std::future::poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &data[written..])).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+    std::future::poll_fn(move |cx| {
+        while written < data.len() {
+            match Pin::new(&mut *stream.borrow_mut()).poll_write(cx, &data[written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
         }
-        written += n;
-    }
-    Ok(())
+        Poll::Ready(Ok(()))
+    })
 }
 
 fn set_read_timeout(stream: &RefCell<TcpStream>, timeout: Option<Duration>) {
@@ -173,7 +177,7 @@ pub async fn serve(broker: Rc<Broker>, stream: TcpStream, already_read: Bytes) {
     // CONNECT phase's state (3 KB: the CONNECT, limits, refusal paths) would otherwise stay
     // allocated for the whole life of every connection. This task ends here and frees it.
     let attached = Attached { buf, decoder, client_id, _permit: permit };
-    glommio::spawn_local(run_session(broker, Rc::new(stream), conn, opened, attached)).detach();
+    glommio::spawn_local(run_session(broker, stream, conn, opened, attached)).detach();
 }
 
 /// What the read loop keeps of the CONNECT phase (the rest is dropped before the loop starts,
@@ -185,17 +189,74 @@ struct Attached {
     _permit: ConnectionPermit,
 }
 
-async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: Rc<Outbound>, opened: Opened, attached: Attached) {
-    let Attached { mut buf, mut decoder, client_id, _permit } = attached;
-    let writer_conn = conn.clone();
-    let writer_stream = stream.clone();
-    let writer_task = glommio::spawn_local(async move {
+/// One task per connection: the read loop and the write loop are two futures polled by the same
+/// task (an idle connection then costs one task, and the socket lives inline in it instead of in
+/// an `Rc` shared by two tasks). Each loop borrows the stream only inside `poll`, so they never
+/// overlap. The reader goes first in every poll, so replies it produced are written in the same
+/// poll.
+///
+/// Written as functions returning `async move` blocks rather than `async fn`s: an `async fn`
+/// keeps its arguments twice in its state (as captured upvars and as moved locals), and this
+/// state is what every idle connection costs.
+fn run_session(
+    broker: Rc<Broker>,
+    stream: RefCell<TcpStream>,
+    conn: Rc<Outbound>,
+    opened: Opened,
+    mut attached: Attached,
+) -> impl Future<Output = ()> {
+    async move {
+        set_read_timeout(&stream, None); // the CONNECT deadline no longer applies
+        let mut writer = std::pin::pin!(write_loop(&stream, &conn));
+        let mut writer_done = false;
+        {
+            let mut reader = std::pin::pin!(read_loop(&broker, &stream, &conn, &opened, &mut attached));
+            std::future::poll_fn(|cx| {
+                let r = reader.as_mut().poll(cx);
+                if !writer_done && writer.as_mut().poll(cx).is_ready() {
+                    writer_done = true;
+                }
+                r
+            })
+            .await;
+        }
+        let client_id = &attached.client_id;
+        if !writer_done {
+            // Let the writer flush the DISCONNECT and what was queued, but not forever: a client
+            // that stopped reading would otherwise hold this task, its buffers and its socket.
+            let flush = Duration::from_secs(u64::from(broker.limits().close_flush_timeout_secs));
+            let flushed = futures_lite::future::or(
+                async {
+                    writer.as_mut().await;
+                    true
+                },
+                async {
+                    glommio::timer::sleep(flush).await;
+                    false
+                },
+            )
+            .await;
+            if !flushed {
+                tracing::info!(client_id = %client_id, "client not reading; socket shut down without a full flush");
+                conn.shutdown_socket(); // the pending write is dropped with this task
+            }
+        }
+        tracing::debug!(client_id = %client_id, "client disconnected");
+    }
+}
+
+/// Write what the connection's `Outbound` hands out, in order, waiting on its holds. Ends when the
+/// connection is closing and everything is written (or a write failed); the socket is then shut.
+fn write_loop<'a>(stream: &'a RefCell<TcpStream>, conn: &'a Outbound) -> impl Future<Output = ()> + 'a {
+    async move {
         // Bytes gathered for one write: everything up to a hold that must still be waited for
         // (holds already resolved, such as a run of acknowledgements behind one commit, are
         // passed without a write each).
         let mut batch = BytesMut::new();
         loop {
-            let resolved = match writer_conn.next() {
+            // Taken out of the match so that no `Next` stays in the task's state across the
+            // awaits below.
+            let hold = match conn.next() {
                 Next::Write(data) => {
                     if batch.is_empty() {
                         batch = data;
@@ -204,132 +265,122 @@ async fn run_session(broker: Rc<Broker>, stream: Rc<RefCell<TcpStream>>, conn: R
                     }
                     continue;
                 }
-                Next::Wait(hold) => match hold.try_resolve() {
-                    Some(r) => r,
-                    None => {
-                        if !batch.is_empty() {
-                            if write_all(&writer_stream, &batch).await.is_err() {
-                                writer_conn.shutdown_socket();
-                                break;
-                            }
-                            batch.clear();
-                            writer_conn.notify_drained();
-                        }
-                        hold.resolve().await
-                    }
-                },
-                Next::Idle if !batch.is_empty() => {
-                    if write_all(&writer_stream, &batch).await.is_err() {
-                        writer_conn.shutdown_socket();
+                Next::Wait(hold) => Some(hold),
+                Next::Idle => None,
+            };
+            let Some(hold) = hold else {
+                if !batch.is_empty() {
+                    if write_all(stream, &batch).await.is_err() {
+                        conn.shutdown_socket();
                         break;
                     }
+                    // Give the allocation back: an idle connection holds no send buffer.
                     batch = BytesMut::new();
-                    writer_conn.notify_drained();
-                    continue;
-                }
-                Next::Idle if writer_conn.is_closing() => {
-                    writer_conn.shutdown_socket();
+                    conn.notify_drained();
+                } else if conn.is_closing() {
+                    conn.shutdown_socket();
                     break;
+                } else {
+                    conn.wait().await;
                 }
-                Next::Idle => {
-                    writer_conn.wait().await;
-                    continue;
+                continue;
+            };
+            let resolved = match hold.try_resolve() {
+                Some(r) => r,
+                None => {
+                    if !batch.is_empty() {
+                        if write_all(stream, &batch).await.is_err() {
+                            conn.shutdown_socket();
+                            break;
+                        }
+                        batch.clear();
+                        conn.notify_drained();
+                    }
+                    // Boxed: waiting for a WAL commit is a large future (about 1 KB) and rare
+                    // next to the life of a connection; inline it would sit in every idle one.
+                    Box::pin(hold.resolve()).await
                 }
             };
             match resolved {
                 Resolved::Go => {}
-                Resolved::Write(packet) => batch.extend_from_slice(&writer_conn.encode_one(&packet)),
+                Resolved::Write(packet) => batch.extend_from_slice(&conn.encode_one(&packet)),
                 Resolved::Failed => {
                     tracing::error!("durable write failed; acknowledgement withheld and connection closed");
                     batch.clear();
-                    writer_conn.fail_held();
+                    conn.fail_held();
                 }
             }
         }
-    })
-    .detach();
+    }
+}
 
-    set_read_timeout(&stream, None); // the CONNECT deadline no longer applies
-    let mut publish_will = true;
-    'conn: loop {
-        loop {
-            let packet = match decoder.decode(&mut buf) {
-                Ok(Some(p)) => p,
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::info!(client_id = %client_id, error = %e, reason = ?e.reason(), "malformed input; closing connection");
-                    conn.close(Some(e.reason()));
-                    break 'conn;
-                }
-            };
-            match process(&broker, &opened, packet) {
-                Ok(None) => {}
-                Ok(Some(wait)) => wait.await,
-                Err(close) => {
-                    if close.reason.is_error() {
-                        tracing::info!(client_id = %client_id, reason = ?close.reason, "closing connection");
+/// Read, decode and process packets until the connection closes; then detach the session.
+fn read_loop<'a>(
+    broker: &'a Rc<Broker>,
+    stream: &'a RefCell<TcpStream>,
+    conn: &'a Outbound,
+    opened: &'a Opened,
+    attached: &'a mut Attached,
+) -> impl Future<Output = ()> + 'a {
+    async move {
+        let mut publish_will = true;
+        'conn: loop {
+            loop {
+                let packet = match attached.decoder.decode(&mut attached.buf) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(client_id = %attached.client_id, error = %e, reason = ?e.reason(), "malformed input; closing connection");
+                        conn.close(Some(e.reason()));
+                        break 'conn;
                     }
-                    conn.close(close.send_disconnect.then_some(close.reason));
-                    publish_will = !close.discard_will;
-                    break 'conn;
+                };
+                match process(broker, opened, packet) {
+                    Ok(None) => {}
+                    Ok(Some(wait)) => wait.await,
+                    Err(close) => {
+                        if close.reason.is_error() {
+                            tracing::info!(client_id = %attached.client_id, reason = ?close.reason, "closing connection");
+                        }
+                        conn.close(close.send_disconnect.then_some(close.reason));
+                        publish_will = !close.discard_will;
+                        break 'conn;
+                    }
+                }
+            }
+            if conn.is_closing() {
+                break;
+            }
+            if attached.buf.is_empty() {
+                // Drop our handle on the last read's allocation: an idle connection holds no
+                // receive memory (decoded payloads keep their own references).
+                attached.buf = BytesMut::new();
+            }
+            if broker.mesh().congested() {
+                broker.mesh().wait_uncongested().await;
+            }
+            // Replies (PUBACK, PINGRESP, ...) to a client that does not read them are bounded
+            // too. Acknowledgements waiting for the disk: a few windows' worth (receive maximum).
+            let max_holds = usize::from(broker.limits().max_inflight_messages.max(1)) * 4;
+            conn.wait_writable(broker.limits().max_outbound_buffer_bytes, max_holds).await;
+            // A socket that always has data never makes a read wait: let the shard's other
+            // tasks (ring flushes, drains, other connections) run when this one had its share.
+            glommio::yield_if_needed().await;
+            match read_some(stream, &mut attached.buf).await {
+                Read::Data => conn.touch(Instant::now()),
+                Read::TimedOut | Read::Eof => {
+                    conn.close(None);
+                    break;
+                }
+                Read::Failed(e) => {
+                    tracing::debug!(client_id = %attached.client_id, error = %e, "read failed; closing connection");
+                    conn.close(None);
+                    break;
                 }
             }
         }
-        if conn.is_closing() {
-            break;
-        }
-        if buf.is_empty() {
-            // Drop our handle on the last read's allocation: an idle connection holds no
-            // receive memory (decoded payloads keep their own references).
-            buf = BytesMut::new();
-        }
-        if broker.mesh().congested() {
-            broker.mesh().wait_uncongested().await;
-        }
-        // Replies (PUBACK, PINGRESP, ...) to a client that does not read them are bounded too.
-        // Acknowledgements waiting for the disk: a few windows' worth (receive maximum) at most.
-        let max_holds = usize::from(broker.limits().max_inflight_messages.max(1)) * 4;
-        conn.wait_writable(broker.limits().max_outbound_buffer_bytes, max_holds).await;
-        // A socket that always has data never makes a read wait: let the shard's other tasks
-        // (ring flushes, drains, other connections) run when this one has had its share.
-        glommio::yield_if_needed().await;
-        match read_some(&stream, &mut buf).await {
-            Read::Data => conn.touch(Instant::now()),
-            Read::TimedOut => {
-                conn.close(None);
-                break;
-            }
-            Read::Eof => {
-                conn.close(None);
-                break;
-            }
-            Read::Failed(e) => {
-                tracing::debug!(client_id = %client_id, error = %e, "read failed; closing connection");
-                conn.close(None);
-                break;
-            }
-        }
+        broker.connection_closed(opened.key, opened.conn_id, publish_will, Instant::now());
     }
-    broker.connection_closed(opened.key, opened.conn_id, publish_will, Instant::now());
-    // Let the writer flush the DISCONNECT and what was queued, but not forever: a client that
-    // stopped reading would otherwise hold this task, its buffers and its socket for good.
-    let flush = Duration::from_secs(u64::from(broker.limits().close_flush_timeout_secs));
-    let flushed = futures_lite::future::or(
-        async {
-            writer_task.await;
-            true
-        },
-        async {
-            glommio::timer::sleep(flush).await;
-            false
-        },
-    )
-    .await;
-    if !flushed {
-        tracing::info!(client_id = %client_id, "client not reading; socket shut down without a full flush");
-        conn.shutdown_socket(); // the writer's pending write fails and its task ends
-    }
-    tracing::debug!(client_id = %client_id, "client disconnected");
 }
 
 /// Work the read loop must finish before the next packet: rare (a SUBACK waiting for every

@@ -120,7 +120,8 @@ struct SharedMembers {
 pub struct Broker {
     me: ShardId,
     shard_count: u16,
-    limits: Limits,
+    /// Shared with every session of this shard.
+    limits: Arc<Limits>,
     mesh: Mesh<ShardMsg>,
     connections: Arc<AtomicUsize>,
     on_handover: Box<dyn Fn(SocketHandover)>,
@@ -161,7 +162,7 @@ impl Broker {
         Broker {
             me: mesh.me(),
             shard_count: mesh.shard_count(),
-            limits,
+            limits: Arc::new(limits),
             mesh,
             connections,
             on_handover,

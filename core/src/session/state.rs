@@ -144,7 +144,9 @@ pub enum DropReason {
 pub struct Session {
     client_id: Arc<str>,
     protocol: ProtocolVersion,
-    limits: Limits,
+    /// Shared by every session of the shard (one copy, not one per session: an idle connection's
+    /// session is a few hundred bytes).
+    limits: Arc<Limits>,
     /// Keyed by the filter text as subscribed (with `$share/<group>/` when shared).
     subscriptions: HashMap<String, Subscription>,
     session_expiry_secs: u32,
@@ -162,7 +164,8 @@ pub struct Session {
     next_packet_id: PacketId,
     /// QoS 2 packet ids received and acknowledged with PUBREC, waiting for PUBREL.
     qos2_in: HashSet<PacketId>,
-    will: Option<Will>,
+    /// Boxed: a will (topic, payload, MQTT 5 properties) is ~400 bytes, and most sessions have none.
+    will: Option<Box<Will>>,
     pending_will: Option<PendingWill>,
     /// Set while no connection is attached: when the session ends.
     expires_at: Option<Instant>,
@@ -188,14 +191,14 @@ impl std::fmt::Debug for Session {
 
 impl Session {
     /// A fresh session for an accepted CONNECT (not yet attached).
-    pub fn new(negotiated: &Negotiated, limits: &Limits) -> Session {
+    pub fn new(negotiated: &Negotiated, limits: &Arc<Limits>) -> Session {
         let mut s = Session::blank(&negotiated.client_id, negotiated.protocol, limits, negotiated.session_expiry_secs);
         s.requested_expiry_zero = negotiated.requested_expiry_zero();
         s
     }
 
     /// A session with nothing in it, offline.
-    fn blank(client_id: &str, protocol: ProtocolVersion, limits: &Limits, session_expiry_secs: u32) -> Session {
+    fn blank(client_id: &str, protocol: ProtocolVersion, limits: &Arc<Limits>, session_expiry_secs: u32) -> Session {
         Session {
             client_id: Arc::from(client_id),
             protocol,
@@ -304,7 +307,7 @@ impl Session {
     /// Rebuild an offline session from its durable state (after a restart). Messages that were
     /// sent keep their packet ids and are resent with DUP when the client resumes; the rest wait
     /// in the queue. The limits apply again (a queue beyond them keeps what fits, oldest first).
-    pub fn restore(image: RestoredSession, limits: &Limits) -> Session {
+    pub fn restore(image: RestoredSession, limits: &Arc<Limits>) -> Session {
         let protocol = if image.protocol_level == 5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
         let mut s = Session::blank(&image.client_id, protocol, limits, image.session_expiry_secs);
         s.subscriptions = image.subscriptions.into_iter().collect();
@@ -349,7 +352,7 @@ impl Session {
         self.protocol = negotiated.protocol;
         self.session_expiry_secs = negotiated.session_expiry_secs;
         self.requested_expiry_zero = negotiated.requested_expiry_zero();
-        self.will = negotiated.will.clone();
+        self.will = negotiated.will.clone().map(Box::new);
         self.pending_will = None;
         self.expires_at = None;
         self.online = true;

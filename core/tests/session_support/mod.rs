@@ -71,7 +71,7 @@ pub fn negotiated(c: &Connect, limits: &Limits) -> Negotiated {
 /// A new session for `c`, attached at `now`.
 pub fn online(c: &Connect, limits: &Limits, now: Instant) -> (Session, Negotiated) {
     let n = negotiated(c, limits);
-    let mut s = Session::new(&n, limits);
+    let mut s = Session::new(&n, &std::sync::Arc::new(limits.clone()));
     let mut out = Outbox::default();
     s.attach(&n, now, &mut out);
     assert!(out.packets.is_empty() && out.events.is_empty(), "a new session owes nothing: {out:?}");
