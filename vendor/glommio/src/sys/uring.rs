@@ -1222,8 +1222,6 @@ pub(crate) struct Reactor {
     poll_ring: RefCell<PollRing>,
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
-    /// Flux patch 2: when the armed `latency_preemption_timeout_src` fires.
-    latency_preemption_deadline: Cell<Option<Instant>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
@@ -1355,7 +1353,6 @@ impl Reactor {
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
-            latency_preemption_deadline: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
             blocking_thread,
             link_fd,
@@ -1823,38 +1820,16 @@ impl Reactor {
         //
         // But if we will sleep, there might be a timer registered that needs
         // to be removed otherwise we'll wake up when it expires.
-        //
-        // Flux patch 2 (see FLUX-PATCHES.md): upstream cancels and re-arms this timer on
-        // every call (twice per sleep/wake cycle, each a submission and often an
-        // io_uring_enter of its own). A timer still pending in the kernel is kept when it
-        // fires no later than the one we would arm now: the task queue is then preempted (or
-        // the sleeper woken) earlier than asked, never later.
-        let now = Instant::now();
-        let wanted = preempt_timer().or(user_timer).map(|d| now + d);
-        let pending = self.latency_preemption_timeout_src.take().and_then(|src| {
-            let deadline = self.latency_preemption_deadline.get()?;
-            (src.result().is_none() && wanted.map_or(true, |w| deadline <= w)).then_some(src)
-        });
-        let kept_latency_timer = pending.is_some();
-        self.latency_preemption_timeout_src.set(pending);
-        if !kept_latency_timer {
-            self.latency_preemption_deadline.set(None);
-        }
+        drop(self.latency_preemption_timeout_src.take());
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
         // up sleeping.
-        //
-        // Flux patch 2: only when the previous one has fired. It counts main-ring completions
-        // since it was armed, so keeping it makes throughput preemption come earlier at
-        // worst, and spares a cancel and two submissions per call.
-        let throughput = match self.throughput_preemption_timeout_src.take() {
-            Some(src) if src.result().is_none() => src,
-            _ => main_ring.prepare_throughput_preemption_timer(
+        self.throughput_preemption_timeout_src.replace(Some(
+            main_ring.prepare_throughput_preemption_timer(
                 self.ring_depth() as u32,
                 self.eventfd_src.raw(),
             ),
-        };
-        self.throughput_preemption_timeout_src.set(Some(throughput));
+        ));
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1875,10 +1850,9 @@ impl Reactor {
         if should_sleep {
             // We are about to go to sleep. It's ok to sleep, but if there
             // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer.filter(|_| !kept_latency_timer) {
+            if let Some(dur) = user_timer {
                 self.latency_preemption_timeout_src
                     .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                self.latency_preemption_deadline.set(Some(now + dur));
                 assert!(flush_rings!(lat_ring)? > 0);
             }
             // From this moment on the remote executors are aware that we are sleeping
@@ -1909,11 +1883,9 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer().filter(|_| !kept_latency_timer) {
+        if let Some(preempt) = preempt_timer() {
             self.latency_preemption_timeout_src
                 .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            self.latency_preemption_deadline
-                .set(Some(Instant::now() + preempt));
             flush_rings!(lat_ring, main_ring)?;
         }
 
