@@ -323,7 +323,8 @@ impl ShardLog {
     pub async fn run_spare(self: std::rc::Rc<Self>) {
         let mut failures = 0u64;
         loop {
-            glommio::timer::sleep(Duration::from_millis(20)).await;
+            // Rollovers come seconds apart even at full speed; a rarer check costs fewer wake-ups.
+            glommio::timer::sleep(Duration::from_millis(100)).await;
             if self.wal.has_spare() || self.wal.poisoned().is_some() || self.wal.segment_ids().is_empty() {
                 continue;
             }
