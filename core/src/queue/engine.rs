@@ -1358,6 +1358,18 @@ impl Queue {
         }
     }
 
+    /// Replay: `group` is done with `offsets`.
+    fn replay_done(&mut self, group: &str, offsets: impl IntoIterator<Item = Offset>) {
+        let gi = self.group_index(group);
+        if let Some(g) = self.groups.get_mut(gi) {
+            for o in offsets {
+                g.mark_done(o);
+            }
+            g.next = g.next.max(g.committed);
+        }
+        self.trim_done();
+    }
+
     /// Apply a logged change (recovery). Consumers and what they held are not logged: after a
     /// restart every message not done is delivered again.
     pub fn replay(&mut self, entry: Journal) {
@@ -1391,37 +1403,10 @@ impl Queue {
                     self.next_offset = c.end;
                 }
             }
-            Journal::Done { group, offset } => {
-                let gi = self.group_index(&group);
-                if let Some(g) = self.groups.get_mut(gi) {
-                    g.mark_done(offset);
-                    g.next = g.next.max(g.committed);
-                }
-                self.trim_done();
-            }
-            Journal::DoneMany { group, offsets } => {
-                let gi = self.group_index(&group);
-                if let Some(g) = self.groups.get_mut(gi) {
-                    for o in offsets {
-                        g.mark_done(o);
-                    }
-                    g.next = g.next.max(g.committed);
-                }
-                self.trim_done();
-            }
+            Journal::Done { group, offset } => self.replay_done(&group, std::iter::once(offset)),
+            Journal::DoneMany { group, offsets } => self.replay_done(&group, offsets),
             Journal::DoneRanges { group, ranges } => {
-                let gi = self.group_index(&group);
-                if let Some(g) = self.groups.get_mut(gi) {
-                    for (start, end) in ranges {
-                        // A huge range is mostly below `committed` after a restart; either way
-                        // one pass over it.
-                        for o in start.max(g.committed)..end {
-                            g.mark_done(o);
-                        }
-                    }
-                    g.next = g.next.max(g.committed);
-                }
-                self.trim_done();
+                self.replay_done(&group, ranges.into_iter().flat_map(|(start, end)| start..end))
             }
             Journal::Trimmed { below } => {
                 self.cut_below(below, None);
