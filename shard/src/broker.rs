@@ -947,24 +947,11 @@ impl Broker {
     /// Scatter-gather the retained messages matching `filter` from every shard.
     async fn retained_matching(&self, filter: &TopicFilter) -> Vec<Message> {
         let mut local = self.local_retained(filter);
-        let others = usize::from(self.shard_count) - 1;
-        if others == 0 {
+        if self.shard_count == 1 {
             return local;
         }
-        let gather = GatherState::new(others);
-        let req = {
-            let mut st = self.state.borrow_mut();
-            st.next_req += 1;
-            let req = st.next_req;
-            st.pending.insert(req, gather.clone());
-            req
-        };
-        for i in 0..self.shard_count {
-            let shard = ShardId(i);
-            if shard != self.me {
-                self.mesh.send(shard, ShardMsg::RetainQuery { filter: filter.clone(), reply_to: self.me, req });
-            }
-        }
+        let me = self.me;
+        let (_, gather) = self.ask_others(|req| ShardMsg::RetainQuery { filter: filter.clone(), reply_to: me, req });
         gather.done().await;
         local.extend(gather.take_messages());
         local
@@ -1198,6 +1185,35 @@ impl Broker {
         let mut st = self.state.borrow_mut();
         st.next_req += 1;
         st.next_req
+    }
+
+    /// Send `make(req)` to shard `to`; the gather completes with its answer (`Ack`, `Failed`
+    /// or an admin reply naming `req`).
+    pub(crate) fn ask(&self, to: ShardId, make: impl FnOnce(u64) -> ShardMsg) -> (u64, Gather) {
+        let g = GatherState::new(1);
+        let req = self.next_req();
+        self.state.borrow_mut().pending.insert(req, g.clone());
+        self.mesh.send(to, make(req));
+        (req, g)
+    }
+
+    /// Send `make(req)` to every other shard; the gather completes once all answered (at once
+    /// with a single shard).
+    pub(crate) fn ask_others(&self, make: impl Fn(u64) -> ShardMsg) -> (u64, Gather) {
+        let others = usize::from(self.shard_count) - 1;
+        let req = self.next_req();
+        if others == 0 {
+            return (req, GatherState::new(0));
+        }
+        let g = GatherState::new(others);
+        self.state.borrow_mut().pending.insert(req, g.clone());
+        for i in 0..self.shard_count {
+            let shard = ShardId(i);
+            if shard != self.me {
+                self.mesh.send(shard, make(req));
+            }
+        }
+        (req, g)
     }
 
     /// Buffer a record in this shard's log (no-op without a log).

@@ -113,7 +113,9 @@ impl SpillStore {
                 .await
                 .map_err(io::Error::from)?;
             // The new name must survive a crash along with the data.
-            std::fs::File::open(&self.dir)?.sync_all()?;
+            let d = glommio::io::Directory::open(&self.dir).await.map_err(io::Error::from)?;
+            d.sync().await.map_err(io::Error::from)?;
+            let _ = d.close().await;
             let mut st = self.state.borrow_mut();
             st.files.entry(seq).or_default();
             st.current = Some(Current { seq, file: Rc::new(file), pos: 0 });
@@ -123,15 +125,11 @@ impl SpillStore {
             let c = st.current.as_ref().ok_or_else(|| io::Error::other("no spill file"))?;
             (c.seq, c.file.clone(), c.pos)
         };
-        let mut done = 0u64;
-        let mut rest = data;
-        while !rest.is_empty() {
-            let n = file.write_at(rest.clone(), pos + done).await.map_err(io::Error::from)?;
-            if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "spill file write returned 0"));
-            }
-            done += n as u64;
-            rest.drain(..n.min(rest.len()));
+        // The buffer moves into the write (no copy). A short write (a full disk) fails the
+        // spill: the run stays in memory and is tried again later.
+        let n = file.write_at(data, pos).await.map_err(io::Error::from)?;
+        if n as u64 != len {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, format!("short spill write ({n} of {len} bytes)")));
         }
         file.fdatasync().await.map_err(io::Error::from)?;
         let mut st = self.state.borrow_mut();
@@ -191,10 +189,6 @@ impl SpillStore {
         n
     }
 
-    /// Files kept, for stats.
-    pub fn file_count(&self) -> usize {
-        self.state.borrow().files.len()
-    }
 }
 
 /// A run as stored: one `QueueAppend` frame per message.

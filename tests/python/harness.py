@@ -511,3 +511,15 @@ def publish_fields(version: int, flags: int, body: bytes) -> dict:
                 break
         i += plen
     return dict(topic=topic, qos=qos, dup=bool(flags & 8), retain=bool(flags & 1), packet_id=pid, payload=body[i:])
+
+
+def fluxd_queue(b, *args) -> tuple[int, object]:
+    """Runs `fluxd queue ARGS --admin <b's admin endpoint>`; (exit code, parsed JSON output)."""
+    import json
+    p = subprocess.run([FLUXD_BIN, "queue", "--admin", b.admin_addr(), *args],
+                       capture_output=True, text=True, timeout=WAIT)
+    try:
+        out = json.loads(p.stdout)
+    except ValueError:
+        out = p.stdout + p.stderr
+    return p.returncode, out

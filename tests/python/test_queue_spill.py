@@ -5,25 +5,22 @@ go once consumed."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from crash import CrashBroker, wait_until
-from harness import FLUXD_BIN, WAIT, cid, skip_under_mosquitto
+from harness import WAIT, cid, fluxd_queue, skip_under_mosquitto
 
 N = 20_000
 BUDGET = 256 * 1024
 
 
 def queue_stats(b, name: str) -> dict:
-    p = subprocess.run([FLUXD_BIN, "queue", "--admin", b.admin_addr(), "stats", name],
-                       capture_output=True, text=True, timeout=WAIT)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return json.loads(p.stdout)
+    rc, out = fluxd_queue(b, "stats", name)
+    assert rc == 0, out
+    return out
 
 
 def spill_files(b) -> list[Path]:

@@ -15,7 +15,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 
 from crash import CrashBroker, wait_until
-from harness import (PUBACK, PUBLISH, SUBACK, WAIT, Broker, cid, packet, props, publish_fields,
+from harness import (PUBACK, PUBLISH, SUBACK, WAIT, Broker, cid, fluxd_queue, packet, props, publish_fields,
                      skip_under_mosquitto, subscribe_packet)
 
 
@@ -208,20 +208,6 @@ def test_kill9_under_load_loses_no_acknowledged_publish_and_redelivers_unacked(q
             pass
     missing = acked - got
     assert not missing, f"{len(missing)} of {len(acked)} acknowledged publishes lost: {sorted(missing)[:10]}"
-
-
-def fluxd_queue(b, *args) -> tuple[int, object]:
-    """Runs `fluxd queue ARGS --admin <b's admin endpoint>`; (exit code, parsed JSON output)."""
-    import json
-    import subprocess
-    from harness import FLUXD_BIN
-    p = subprocess.run([FLUXD_BIN, "queue", "--admin", b.admin_addr(), *args],
-                       capture_output=True, text=True, timeout=WAIT)
-    try:
-        out = json.loads(p.stdout)
-    except ValueError:
-        out = p.stdout + p.stderr
-    return p.returncode, out
 
 
 def test_fluxd_queue_commands_create_list_purge_delete(qbroker, client):

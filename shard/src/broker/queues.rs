@@ -524,20 +524,7 @@ impl Broker {
     /// Bind `name` to `filter` on every shard; the gather completes once all applied it.
     fn broadcast_queue_bind(&self, name: &QueueName, filter: &TopicFilter) -> Gather {
         self.apply_queue_bind(name, filter);
-        let others = usize::from(self.shard_count) - 1;
-        if others == 0 {
-            return GatherState::new(0);
-        }
-        let g = GatherState::new(others);
-        let req = self.next_req();
-        self.state.borrow_mut().pending.insert(req, g.clone());
-        for i in 0..self.shard_count {
-            let shard = ShardId(i);
-            if shard != self.me {
-                self.mesh.send(shard, ShardMsg::QueueBind { name: name.clone(), filter: filter.clone(), req: Some(req) });
-            }
-        }
-        g
+        self.ask_others(|req| ShardMsg::QueueBind { name: name.clone(), filter: filter.clone(), req: Some(req) }).1
     }
 
     /// On the owner: make sure the queue exists (default settings) and is bound to `filter`.
@@ -1058,19 +1045,10 @@ impl Broker {
     /// Admin: stats of every queue on every shard.
     pub async fn admin_list(&self) -> Vec<QueueStatsView> {
         let mut all = self.queue_stats();
-        let others = usize::from(self.shard_count) - 1;
-        if others == 0 {
+        if self.shard_count == 1 {
             return all;
         }
-        let g = GatherState::new(others);
-        let req = self.next_req();
-        self.state.borrow_mut().pending.insert(req, g.clone());
-        for i in 0..self.shard_count {
-            let shard = ShardId(i);
-            if shard != self.me {
-                self.mesh.send(shard, ShardMsg::AdminStats { req });
-            }
-        }
+        let (req, g) = self.ask_others(|req| ShardMsg::AdminStats { req });
         g.done().await;
         all.extend(self.state.borrow_mut().admin_stats.remove(&req).unwrap_or_default());
         all.sort_by(|a, b| a.name.cmp(&b.name));
@@ -1089,10 +1067,7 @@ impl Broker {
         if owner == self.me {
             return self.queue_admin_local(name, op, Instant::now());
         }
-        let g = GatherState::new(1);
-        let req = self.next_req();
-        self.state.borrow_mut().pending.insert(req, g.clone());
-        self.mesh.send(owner, ShardMsg::QueueAdmin { name: name.clone(), op, req });
+        let (req, g) = self.ask(owner, |req| ShardMsg::QueueAdmin { name: name.clone(), op, req });
         g.done().await;
         self.state.borrow_mut().admin_results.remove(&req).unwrap_or_else(|| Err("no answer".into()))
     }
@@ -1114,10 +1089,7 @@ impl Broker {
         if owner == self.me {
             return self.queue_front_local(name, max, Instant::now());
         }
-        let g = GatherState::new(1);
-        let req = self.next_req();
-        self.state.borrow_mut().pending.insert(req, g.clone());
-        self.mesh.send(owner, ShardMsg::QueueAdmin { name: name.clone(), op: QueueAdminOp::Front { max }, req });
+        let (req, g) = self.ask(owner, |req| ShardMsg::QueueAdmin { name: name.clone(), op: QueueAdminOp::Front { max }, req });
         g.done().await;
         self.state.borrow_mut().admin_messages.remove(&req).unwrap_or_default()
     }
@@ -1130,10 +1102,7 @@ impl Broker {
             let ok = self.queue_append_local(target, message, Instant::now(), true) == Appended::Stored;
             return ok && self.flush_log().await;
         }
-        let g = GatherState::new(1);
-        let req = self.next_req();
-        self.state.borrow_mut().pending.insert(req, g.clone());
-        self.mesh.send(owner, ShardMsg::QueueAppend { name: target.clone(), message, confirm: Some(req), create: true });
+        let (req, g) = self.ask(owner, |req| ShardMsg::QueueAppend { name: target.clone(), message, confirm: Some(req), create: true });
         g.done().await;
         !self.state.borrow_mut().failed_reqs.remove(&req)
     }
