@@ -3,6 +3,7 @@
 
 use std::cell::RefCell;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,7 +28,9 @@ struct Report {
 
 #[derive(Clone, Copy)]
 enum Mode {
-    /// Drains start only after the sender has seen congestion: the rings are certain to fill.
+    /// Drains start only after both shards have flooded: the rings are certain to fill. (Without
+    /// that barrier a shard whose executor started a few ms after its peer's found the peer
+    /// already draining and never saw congestion.)
     DrainLate,
     /// Drains run from the start; senders respect `congested()` like connection drivers do.
     DrainEarlyWithBackpressure,
@@ -42,6 +45,7 @@ fn flood(mode: Mode) -> Vec<Report> {
     let endpoints = build_mesh_with::<Msg>(shards, config);
     let reports: Arc<Mutex<Vec<Option<Report>>>> = Arc::new(Mutex::new(vec![None, None]));
     let r = reports.clone();
+    let flooded = Arc::new(AtomicUsize::new(0));
     run_shards_with(
         ExecutorSpec {
             shards,
@@ -51,8 +55,9 @@ fn flood(mode: Mode) -> Vec<Report> {
         endpoints,
         move |me, ep| {
             let reports = r.clone();
+            let flooded = flooded.clone();
             async move {
-                let report = shard_main(me, ep, mode).await;
+                let report = shard_main(me, ep, mode, &flooded).await;
                 reports.lock().unwrap()[me.index()] = Some(report);
             }
         },
@@ -65,7 +70,12 @@ fn flood(mode: Mode) -> Vec<Report> {
         .collect()
 }
 
-async fn shard_main(me: ShardId, ep: MeshEndpoints<Msg>, mode: Mode) -> Report {
+async fn shard_main(
+    me: ShardId,
+    ep: MeshEndpoints<Msg>,
+    mode: Mode,
+    flooded: &AtomicUsize,
+) -> Report {
     let mut report = Report::default();
     let Ok((mesh, inbound)) =
         glommio::timer::timeout(DEADLINE, async { Ok(ep.connect().await) }).await
@@ -117,6 +127,19 @@ async fn shard_main(me: ShardId, ep: MeshEndpoints<Msg>, mode: Mode) -> Report {
     }
     futures_lite::future::yield_now().await;
     report.saw_congested |= mesh.congested();
+    flooded.fetch_add(1, Ordering::SeqCst);
+    if let Mode::DrainLate = mode {
+        let both = glommio::timer::timeout(DEADLINE, async {
+            while flooded.load(Ordering::SeqCst) < 2 {
+                glommio::timer::sleep(Duration::from_micros(100)).await;
+            }
+            Ok(())
+        })
+        .await;
+        if both.is_err() {
+            report.errors.push("the peer did not finish flooding before the deadline".into());
+        }
+    }
 
     if let (Some(i), Some(h)) = (inbound.take(), handler.take()) {
         i.spawn_drains(None, h);

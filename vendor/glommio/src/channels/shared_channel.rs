@@ -303,6 +303,12 @@ impl<T: Send + Sized> ConnectedSender<T> {
                     .upgrade()
                     .unwrap()
                     .add_shared_channel_waker(self.id, cx.waker().clone());
+                // Flux patch 3: the consumer only notifies after a pop when this is set.
+                if self.state.buffer.mark_waiting_for_room() {
+                    // Room appeared meanwhile; the registered waker may fire once more,
+                    // spuriously, which `send` tolerates.
+                    return Poll::Ready(());
+                }
                 Poll::Pending
             }
         }
@@ -420,7 +426,10 @@ impl<T: Send + Sized> ConnectedReceiver<T> {
                 }
             }
             res => {
-                self.notifier.notify(false);
+                // Flux patch 3: upstream notifies the producer's executor after every pop.
+                if self.state.buffer.take_producer_waiting() {
+                    self.notifier.notify(false);
+                }
                 Poll::Ready(res)
             }
         }

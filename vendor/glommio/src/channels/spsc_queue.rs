@@ -52,6 +52,12 @@ pub(crate) struct Buffer<T> {
     pcache: ProducerCacheline,
     ccache: ConsumerCacheline,
 
+    /// Flux patch 3: a producer task waits for room (`ConnectedSender::send`). Upstream the
+    /// consumer notifies the producer's executor after *every* pop, which wakes a sleeping
+    /// producer executor (an eventfd write and a context switch) for each message it receives;
+    /// with this flag it only does so when someone waits.
+    producer_waiting: AtomicBool,
+
     _marker: PhantomData<T>,
 }
 
@@ -258,6 +264,7 @@ fn inner_make<T>(capacity: usize, initial_value: usize) -> (Producer<T>, Consume
             head: AtomicUsize::new(initial_value),
             producer_id: AtomicUsize::new(0),
         },
+        producer_waiting: AtomicBool::new(false),
         _marker: PhantomData,
     });
     (
@@ -357,6 +364,15 @@ impl<T> Producer<T> {
     pub fn free_space(&self) -> usize {
         self.capacity() - self.size()
     }
+
+    /// Flux patch 3: announces that a task waits for room, then says whether there is room
+    /// now. The SeqCst fence pairs with the one in [`Consumer::take_producer_waiting`]: either
+    /// the consumer sees the flag after its pop, or this re-check sees the freed slot.
+    pub(crate) fn mark_waiting_for_room(&self) -> bool {
+        self.buffer.producer_waiting.store(true, Ordering::Relaxed);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.free_space() > 0
+    }
 }
 
 impl<T> BufferHalf for Consumer<T> {
@@ -398,6 +414,13 @@ impl<T> Consumer<T> {
     /// return `Some(v)`, where `v` is the value being popped off the queue.
     pub fn try_pop(&self) -> Option<T> {
         (*self.buffer).try_pop()
+    }
+
+    /// Flux patch 3: after a pop, whether a producer task waits for room (clears the flag).
+    pub(crate) fn take_producer_waiting(&self) -> bool {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.buffer.producer_waiting.load(Ordering::Relaxed)
+            && self.buffer.producer_waiting.swap(false, Ordering::Relaxed)
     }
 }
 

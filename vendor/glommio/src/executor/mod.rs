@@ -1493,6 +1493,15 @@ impl LocalExecutor {
                         // test again here. We can't test *just* here because the main
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
+                    } else if spin_before_park.is_zero() {
+                        // Flux patch 2: without spinning, park right away. Upstream polls the
+                        // rings once first, which submits what the tasks queued in an
+                        // `io_uring_enter` of its own; `park` consumes completions just the same
+                        // and submits with the sleep.
+                        this.parker
+                            .park()
+                            .expect("Failed to park! This is actually pretty bad!");
+                        pre_time = Instant::now();
                     } else {
                         while !this.reactor.spin_poll_io().unwrap() {
                             if pre_time.elapsed() > spin_before_park {

@@ -955,50 +955,11 @@ impl SleepableRing {
         source
     }
 
-    /// This function prepares a timer that fires only after a given number of
-    /// CQEs are available on the main ring. This timer is linked with a write
-    /// to the latency ring's event fd such that this timer triggers a
-    /// preemption via the latency ring.
-    fn prepare_throughput_preemption_timer(&mut self, min_events: u32, event_fd: RawFd) -> Source {
-        assert!(min_events >= 1, "min_events should be at least 1");
-        let timer_source = Source::new(
-            IoRequirements::default(),
-            -1,
-            SourceType::Timeout(TimeSpec64::MAX, min_events),
-            None,
-            None,
-        );
-
-        const EVENTFD_WAKEUP: &[u64; 1] = &[1u64; 1];
-        let write_op = UringDescriptor {
-            fd: event_fd,
-            flags: SubmissionFlags::empty(),
-            user_data: 0,
-            args: UringOpDescriptor::Write(EVENTFD_WAKEUP as *const u64 as _, 8, 0),
-        };
-
-        let op = match &*timer_source.source_type() {
-            SourceType::Timeout(ts, events) => {
-                UringOpDescriptor::Timeout(&ts.raw as *const _, *events)
-            }
-            _ => unreachable!(),
-        };
-        let queue = self.submission_queue();
-        queue.borrow_mut().submissions.push_front(write_op);
-        queue.borrow_mut().submissions.push_front(UringDescriptor {
-            args: op,
-            fd: -1,
-            flags: SubmissionFlags::IO_LINK,
-            user_data: to_user_data(
-                self.source_map
-                    .borrow_mut()
-                    .add_source(&timer_source, queue.clone()),
-            ),
-        });
-        timer_source
-    }
-
-    fn install_eventfd(&mut self, eventfd_src: &Source) -> bool {
+    /// Flux patch 2: with `stage_only`, the read is left in the SQ for the next submission (the
+    /// one that goes to sleep submits and waits in one `io_uring_enter`) instead of being
+    /// submitted right away. Nobody writes the eventfd before we announce that we sleep, and an
+    /// eventfd read submitted after the write completes at once, so no wake-up is lost.
+    fn install_eventfd(&mut self, eventfd_src: &Source, stage_only: bool) -> bool {
         if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
             // Now must wait on the `eventfd` in case someone wants to wake us up.
             // If we can't then we can't sleep and will just bail immediately
@@ -1034,7 +995,7 @@ impl SleepableRing {
 
             match &mut *eventfd_src.source_type_mut() {
                 SourceType::ForeignNotifier(_, installed) => {
-                    *installed = self.submit_sqes().is_ok();
+                    *installed = stage_only || self.submit_sqes().is_ok();
                     *installed
                 }
                 _ => unreachable!("Expected ForeignNotifier source type"),
@@ -1044,66 +1005,69 @@ impl SleepableRing {
         }
     }
 
-    fn sleep(&mut self, link: &Source) -> io::Result<usize> {
-        assert_eq!(
-            self.waiting_kernel_submission(),
-            0,
-            "sleeping with pending SQEs"
-        );
-        if let Some(mut sqe) = self.ring.sq().prepare_sqe() {
-            let sqe_ptr = unsafe { sqe.raw_mut() as *mut _ };
-            let op = UringDescriptor {
-                fd: link.raw(),
-                flags: SubmissionFlags::empty(),
-                user_data: to_user_data(
-                    self.source_map
-                        .borrow_mut()
-                        .add_source(link, self.submission_queue.clone()),
-                ),
-                args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
-            };
-            fill_sqe(
-                &mut sqe,
-                &op,
-                DmaBuffer::new,
-                &mut self.source_map.borrow_mut(),
-            );
+    /// Flux patch 2: moves queued submissions into the kernel SQ without entering the kernel
+    /// (unless the SQ is full); [`Self::submit_and_sleep`] submits them.
+    fn stage_submissions(&mut self) -> io::Result<usize> {
+        let q = self.submission_queue();
+        let mut queue = q.borrow_mut();
+        self.consume_sqe_queue(&mut queue.cancellations, false)
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)?;
+        self.consume_sqe_queue(&mut queue.submissions, false)
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)
+    }
 
-            // We have now prepared the SQE that links the two rings. We now need to submit
-            // it successfully to be able to safely sleep.
+    /// Flux patch 2: like `can_sleep`, but submissions already in the kernel SQ are fine: the
+    /// sleep submits them.
+    fn can_sleep_staged(&self) -> bool {
+        self.submission_queue.borrow().is_empty() && self.waiting_kernel_collection() == 0
+    }
 
-            if self
-                .submit_sqes()
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)?
-                != 1
-            {
-                // We failed to submit the `SQE` that links the rings. Just can't sleep.
-                // Waiting here is unsafe because we could end up waiting much longer than
-                // needed.
-                // We make the SQE a no-op and return
-                unsafe { crate::uring_sys::io_uring_prep_nop(sqe_ptr) };
-                Err(io::Error::from_raw_os_error(libc::EBUSY))
-            } else {
-                // The rings are linked. Goodnight!
-                self.ring
-                    .cq()
-                    .wait(1)
-                    .map(|_| 1)
-                    .or_else(Reactor::busy_ok)
-                    .or_else(Reactor::again_ok)
-                    .or_else(Reactor::intr_ok)
+    /// Flux patch 2: one `io_uring_enter` that submits what is staged and waits for one
+    /// completion. With `link`, first adds a poll of the latency ring's fd (so that its
+    /// completions wake this ring); the caller keeps that source across sleeps.
+    fn submit_and_sleep(&mut self, link: Option<&Source>) -> io::Result<usize> {
+        if let Some(link) = link {
+            match self.ring.sq().prepare_sqe() {
+                Some(mut sqe) => {
+                    let op = UringDescriptor {
+                        fd: link.raw(),
+                        flags: SubmissionFlags::empty(),
+                        user_data: to_user_data(
+                            self.source_map
+                                .borrow_mut()
+                                .add_source(link, self.submission_queue.clone()),
+                        ),
+                        args: UringOpDescriptor::PollAdd(common_flags() | read_flags()),
+                    };
+                    fill_sqe(
+                        &mut sqe,
+                        &op,
+                        DmaBuffer::new,
+                        &mut self.source_map.borrow_mut(),
+                    );
+                }
+                None => {
+                    // No room for the link: submit what we have and do not sleep.
+                    return self
+                        .submit_sqes()
+                        .or_else(Reactor::busy_ok)
+                        .or_else(Reactor::again_ok)
+                        .or_else(Reactor::intr_ok);
+                }
             }
-        } else {
-            // Can't link rings because we ran out of `CQE`s. Just can't sleep.
-            // Submit what we have, once we're out of here we'll consume them
-            // and at some point will be able to sleep again.
-            self.submit_sqes()
-                .or_else(Reactor::busy_ok)
-                .or_else(Reactor::again_ok)
-                .or_else(Reactor::intr_ok)
         }
+        let submitted = self
+            .ring
+            .submit_sqes_and_wait(1)
+            .or_else(Reactor::busy_ok)
+            .or_else(Reactor::again_ok)
+            .or_else(Reactor::intr_ok)? as usize;
+        self.in_kernel += submitted;
+        Ok(submitted)
     }
 }
 
@@ -1221,8 +1185,12 @@ pub(crate) struct Reactor {
     latency_ring: RefCell<SleepableRing>,
     poll_ring: RefCell<PollRing>,
 
-    latency_preemption_timeout_src: Cell<Option<Source>>,
-    throughput_preemption_timeout_src: Cell<Option<Source>>,
+    /// Flux patch 2: the timeout (on the main ring) that wakes a sleeper for its next user
+    /// timer, with the instant it fires at. Kept while pending and not later than needed.
+    wake_timer: Cell<Option<(Source, Instant)>>,
+    /// Flux patch 2: the poll of the latency ring's fd from the main ring, kept across sleeps
+    /// while it has not fired. Only armed when the latency ring has requests in the kernel.
+    link_src: Cell<Option<Source>>,
 
     link_fd: RawFd,
 
@@ -1306,10 +1274,10 @@ impl Reactor {
         let allocator = Rc::new(UringBufferAllocator::new(io_memory));
         let registry = vec![allocator.as_bytes()];
 
-        let main_ring =
+        let mut main_ring =
             SleepableRing::new(ring_depth, "main", allocator.clone(), source_map.clone())?;
         let poll_ring = PollRing::new(ring_depth, allocator.clone(), source_map.clone())?;
-        let mut latency_ring =
+        let latency_ring =
             SleepableRing::new(ring_depth, "latency", allocator.clone(), source_map.clone())?;
 
         match main_ring.registrar().register_buffers_by_ref(&registry) {
@@ -1345,15 +1313,15 @@ impl Reactor {
         );
 
         if !eventfd_src.is_installed().unwrap() {
-            latency_ring.install_eventfd(&eventfd_src);
+            main_ring.install_eventfd(&eventfd_src, false);
         }
 
         Ok(Reactor {
             main_ring: RefCell::new(main_ring),
             latency_ring: RefCell::new(latency_ring),
             poll_ring: RefCell::new(poll_ring),
-            latency_preemption_timeout_src: Cell::new(None),
-            throughput_preemption_timeout_src: Cell::new(None),
+            wake_timer: Cell::new(None),
+            link_src: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1371,11 +1339,14 @@ impl Reactor {
         self.rings_depth
     }
 
+    /// Flux patch 2: the eventfd read lives on the main ring (upstream: the latency ring, which
+    /// made every cross-thread wake-up go through the link poll and a preemption) and is only
+    /// staged here; the next submission takes it to the kernel.
     pub(crate) fn install_eventfd(&self) {
         if !self.eventfd_src.is_installed().unwrap() {
-            self.latency_ring
+            self.main_ring
                 .borrow_mut()
-                .install_eventfd(&self.eventfd_src);
+                .install_eventfd(&self.eventfd_src, true);
         }
     }
 
@@ -1718,24 +1689,6 @@ impl Reactor {
         }
     }
 
-    /// We want to go to sleep, but we can only go to sleep in one of the rings,
-    /// as we only have one thread. There are more than one sleepable rings, so
-    /// what we do is we take advantage of the fact that the ring's `ring_fd` is
-    /// pollable and register a `POLL_ADD` event into the ring we will wait on.
-    ///
-    /// We may not be able to register an `SQE` at this point, so we return an
-    /// Error and will just not sleep.
-    fn link_rings_and_sleep(&self, ring: &mut SleepableRing) -> io::Result<()> {
-        let link_rings = Source::new(
-            IoRequirements::default(),
-            self.link_fd,
-            SourceType::LinkRings,
-            None,
-            None,
-        );
-        ring.sleep(&link_rings).or_else(Self::busy_ok).map(|_| {})
-    }
-
     pub(crate) fn poll_io(&self, woke: &mut usize) -> io::Result<()> {
         self.poll_ring.borrow_mut().poll(woke)?;
         self.main_ring.borrow_mut().poll(woke)?;
@@ -1797,7 +1750,7 @@ impl Reactor {
     pub(crate) fn wait<Preempt, F>(
         &self,
         preempt_timer: Preempt,
-        user_timer: Option<Duration>,
+        user_timer: Option<Instant>,
         mut woke: usize,
         process_remote_channels: F,
     ) -> io::Result<bool>
@@ -1805,6 +1758,15 @@ impl Reactor {
         Preempt: Fn() -> Option<Duration>,
         F: Fn() -> usize,
     {
+        // Flux patch 2 (see FLUX-PATCHES.md). Upstream cancels and re-arms a latency
+        // preemption timer and a throughput preemption timer on every call (twice per
+        // sleep/wake cycle), flushes the three rings separately, submits the eventfd read and the
+        // link poll with their own `io_uring_enter`, and cancels the link poll after waking:
+        // 5-7 kernel entries and 4 timer operations per sleep/wake cycle. Here preemption is
+        // decided by `need_preempt` from the clock and the main ring's backlog (no kernel
+        // timers), the wake-up timeout for the next user timer is kept while it is pending and
+        // not late, the eventfd read sits on the main ring, and going to sleep submits what is
+        // staged and waits in one `io_uring_enter`.
         woke += self.flush_syscall_thread();
 
         let mut poll_ring = self.poll_ring.borrow_mut();
@@ -1814,53 +1776,60 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        let may_sleep = preempt_timer().is_none();
 
-        // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
-
-        // This will only dispatch if we run out of sqes. Which means until
-        // flush_rings! nothing is really send to the kernel...
+        // Cancellations are submitted now (not with the sleep), so that their completions do
+        // not end the sleep at once.
+        let cancelling = !main_ring.submission_queue.borrow().cancellations.is_empty();
         flush_cancellations!(into &mut woke; lat_ring, poll_ring, main_ring);
-        // ... which happens right here. If you ever reorder this code just
-        // be careful about this dependency.
-        flush_rings!(lat_ring, poll_ring, main_ring)?;
+        if may_sleep && !cancelling {
+            // The main ring's submissions go in with the sleep itself.
+            flush_rings!(lat_ring, poll_ring)?;
+            main_ring.stage_submissions()?;
+        } else {
+            flush_rings!(lat_ring, poll_ring, main_ring)?;
+        }
         // pick up the results of any cancellations
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
         // If we generated any event so far, we can't sleep. Need to handle them.
-        let should_sleep = preempt_timer().is_none()
+        let should_sleep = may_sleep
             && (woke == 0)
             && poll_ring.can_sleep()
-            && main_ring.can_sleep()
+            && main_ring.can_sleep_staged()
             && lat_ring.can_sleep();
 
         if should_sleep {
-            // We are about to go to sleep. It's ok to sleep, but if there
-            // is a timer set, we need to make sure we wake up to handle it.
-            if let Some(dur) = user_timer {
-                self.latency_preemption_timeout_src
-                    .set(Some(lat_ring.prepare_latency_preemption_timer(dur)));
-                assert!(flush_rings!(lat_ring)? > 0);
+            // We are about to go to sleep. If there is a user timer, a timeout on the main
+            // ring must wake us for it: keep the one in flight if it fires no later.
+            let mut woke_now = 0;
+            if let Some(when) = user_timer {
+                let kept = match self.wake_timer.take() {
+                    Some((src, at)) if src.in_flight() && at <= when => Some((src, at)),
+                    _ => None, // dropping an in-flight timeout queues its cancellation
+                };
+                let timer = kept.unwrap_or_else(|| {
+                    let dur = when.saturating_duration_since(Instant::now());
+                    (main_ring.prepare_latency_preemption_timer(dur), when)
+                });
+                self.wake_timer.set(Some(timer));
+                if main_ring.submission_queue.borrow().cancellations.is_empty() {
+                    main_ring.stage_submissions()?;
+                } else {
+                    // A replaced timeout: cancel it now, not with the sleep (its completion
+                    // would end the sleep at once). What completes meanwhile cancels the sleep.
+                    flush_cancellations!(into &mut woke_now; main_ring);
+                    flush_rings!(main_ring)?;
+                    consume_rings!(into &mut woke_now; main_ring);
+                }
             }
+            self.install_eventfd_into(&mut main_ring);
             // From this moment on the remote executors are aware that we are sleeping
             // We have to sweep the remote channels function once more because since
             // last time until now it could be that something happened in a remote executor
             // that opened up room. If it did we bail on sleep and go process it.
             self.notifier.prepare_to_sleep();
-            // Flux patch (see FLUX-PATCHES.md): upstream issues `membarrier::heavy()` here
+            // Flux patch 1 (see FLUX-PATCHES.md): upstream issues `membarrier::heavy()` here
             // (`sys_membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)`, an IPI to every CPU running
             // this process) on every sleep, so that notifiers may skip a fence. Instead both
             // sides use a SeqCst fence: here, between publishing `should_notify` and re-reading
@@ -1868,39 +1837,52 @@ impl Reactor {
             // read of `should_notify`. Either the producer sees the flag and writes the eventfd,
             // or this sweep sees the item.
             std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-            let events = process_remote_channels() + self.flush_syscall_thread();
-            if events == 0 {
-                if self.eventfd_src.is_installed().unwrap() {
-                    self.link_rings_and_sleep(&mut main_ring)
-                        .expect("some error");
-                    // May have new cancellations related to the link ring fd.
-                    flush_cancellations!(into &mut 0; lat_ring, poll_ring, main_ring);
-                    flush_rings!(lat_ring, poll_ring, main_ring)?;
-                    consume_rings!(into &mut 0; lat_ring, poll_ring, main_ring);
-                }
-                // Woke up, so no need to notify us anymore.
-                self.notifier.wake_up();
+            let events = woke_now + process_remote_channels() + self.flush_syscall_thread();
+            if events == 0 && self.eventfd_src.is_installed().unwrap() {
+                // Completions on the latency ring must wake us too: poll its fd from the main
+                // ring while it has requests in the kernel (kept across sleeps until it fires).
+                let link = match self.link_src.take() {
+                    Some(src) if src.in_flight() => Some(src),
+                    _ if lat_ring.in_kernel() > 0 => Some(Source::new(
+                        IoRequirements::default(),
+                        self.link_fd,
+                        SourceType::LinkRings,
+                        None,
+                        None,
+                    )),
+                    _ => None,
+                };
+                let new_link = link.as_ref().filter(|src| !src.in_flight());
+                main_ring.submit_and_sleep(new_link)?;
+                self.link_src.set(link);
+                consume_rings!(into &mut 0; lat_ring, poll_ring, main_ring);
+            } else {
+                // Not sleeping after all: submit what was staged.
+                flush_rings!(main_ring)?;
             }
+            // Woke up, so no need to notify us anymore.
+            self.notifier.wake_up();
+        } else if may_sleep {
+            flush_rings!(main_ring)?;
         }
-
-        if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
-            flush_rings!(lat_ring, main_ring)?;
-        }
-
-        // A Note about `need_preempt`:
-        //
-        // If in the last call to consume_rings! some events completed, the tail and
-        // head would have moved to match. So it does not matter that events were
-        // generated after we registered the timer: since we consumed them here,
-        // need_preempt() should be false at this point. As soon as the next event
-        // in the preempt ring completes, though, then it will be true.
         Ok(should_sleep)
+    }
+
+    fn install_eventfd_into(&self, main_ring: &mut SleepableRing) {
+        if !self.eventfd_src.is_installed().unwrap() {
+            main_ring.install_eventfd(&self.eventfd_src, true);
+        }
     }
 
     pub(crate) fn flush_syscall_thread(&self) -> usize {
         self.blocking_thread.flush()
+    }
+
+    /// Flux patch 2: the main ring's completion queue head and tail (see `need_preempt`).
+    pub(crate) fn main_cq_pointers(&self) -> (*const u32, *const u32) {
+        let mut main_ring = self.main_ring.borrow_mut();
+        let cq = unsafe { &main_ring.ring.raw_mut().cq };
+        (cq.khead, cq.ktail)
     }
 
     pub(crate) fn preempt_pointers(&self) -> (*const u32, *const u32) {
