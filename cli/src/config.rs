@@ -198,6 +198,7 @@ pub struct FileConfig {
     pub shards: Option<u16>,
     pub allow_anonymous: Option<bool>,
     pub io_memory_bytes: Option<usize>,
+    pub transparent_huge_pages: Option<bool>,
     pub mqtt: MqttSection,
     pub log: LogSection,
     pub limits: Limits,
@@ -231,6 +232,9 @@ pub struct Config {
     /// What the operator asked for (flag or file).
     pub allow_anonymous: bool,
     pub io_memory_bytes: usize,
+    /// Whether fluxd's memory may be backed by transparent huge pages (default: no, see
+    /// `fluxd.example.toml`).
+    pub transparent_huge_pages: bool,
     pub log_level: String,
     pub log_format: LogFormat,
     pub limits: Limits,
@@ -383,6 +387,7 @@ pub fn merge(
         shards,
         allow_anonymous: cli.allow_anonymous || file.allow_anonymous.unwrap_or(false),
         io_memory_bytes: file.io_memory_bytes.unwrap_or(DEFAULT_IO_MEMORY_BYTES),
+        transparent_huge_pages: file.transparent_huge_pages.unwrap_or(false),
         log_level: cli
             .log_level
             .clone()
@@ -669,6 +674,7 @@ mod tests {
             "shards",
             "allow_anonymous",
             "io_memory_bytes",
+            "transparent_huge_pages",
             "mqtt",
             "log",
         ] {
