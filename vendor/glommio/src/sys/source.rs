@@ -137,7 +137,9 @@ pub(crate) struct InnerSource {
 
     pub(crate) enqueued: Option<EnqueuedSource>,
 
-    pub(crate) stats_collection: Option<StatsCollection>,
+    /// Flux patch 5: a reference to one of the reactor's constant tables (upstream: a copy of
+    /// four function pointers in every source).
+    pub(crate) stats_collection: Option<&'static StatsCollection>,
 
     pub(crate) task_queue: Option<TaskQueueHandle>,
 }
@@ -170,7 +172,7 @@ impl Source {
         ioreq: IoRequirements,
         raw: RawFd,
         source_type: SourceType,
-        stats_collection: Option<StatsCollection>,
+        stats_collection: Option<&'static StatsCollection>,
         task_queue: Option<TaskQueueHandle>,
     ) -> Source {
         Source {
@@ -311,7 +313,7 @@ impl Source {
         self.inner.borrow().raw
     }
 
-    pub(crate) fn stats_collection(&self) -> Option<StatsCollection> {
+    pub(crate) fn stats_collection(&self) -> Option<&'static StatsCollection> {
         self.inner.borrow().stats_collection
     }
 
