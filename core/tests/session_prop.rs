@@ -162,7 +162,7 @@ impl Model {
             from_snapshot.apply(entry);
         }
         assert_eq!(describe(&from_snapshot), describe(&self.image), "checkpoint and journal disagree");
-        self.dropped_before_crash += self.session.stats.dropped_queue_full;
+        self.dropped_before_crash += u64::from(self.session.stats.dropped_queue_full);
         self.session = Session::restore(self.image.clone(), &std::sync::Arc::new(self.limits.clone()));
         self.online = false;
         self.owed.clear();
@@ -310,7 +310,7 @@ impl Model {
         let sent = self.first_id.len() as u64;
         let dropped = self.dropped.len() as u64;
         assert_eq!(self.session.queued_len() as u64, self.next_seq - sent - dropped);
-        assert_eq!(self.session.stats.dropped_queue_full + self.dropped_before_crash, dropped);
+        assert_eq!(u64::from(self.session.stats.dropped_queue_full) + self.dropped_before_crash, dropped);
     }
 
     /// Reconnect if needed and answer everything until the session has nothing left.

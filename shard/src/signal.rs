@@ -10,16 +10,18 @@ use std::task::{Context, Poll, Waker};
 use flux_core::session::Message;
 
 /// Wakes one waiting task; a notify with nobody waiting is remembered until the next wait.
+/// Every connection's `Outbound` holds two, so the waker sits in a `Cell` (taken and put back,
+/// never borrowed): 24 bytes instead of 32.
 #[derive(Default)]
 pub struct Signal {
     set: Cell<bool>,
-    waker: RefCell<Option<Waker>>,
+    waker: Cell<Option<Waker>>,
 }
 
 impl Signal {
     pub fn notify(&self) {
         self.set.set(true);
-        if let Some(w) = self.waker.borrow_mut().take() {
+        if let Some(w) = self.waker.take() {
             w.wake();
         }
     }
@@ -39,7 +41,7 @@ impl Future for SignalWait<'_> {
         if self.signal.set.replace(false) {
             return Poll::Ready(());
         }
-        *self.signal.waker.borrow_mut() = Some(cx.waker().clone());
+        self.signal.waker.set(Some(cx.waker().clone()));
         Poll::Pending
     }
 }

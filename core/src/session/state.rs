@@ -115,14 +115,16 @@ pub struct PendingWill {
 /// Counters a session keeps for logs and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SessionStats {
+    // u32, saturating: every session carries these (16 bytes instead of 32); the shard's own
+    // counters (`BrokerStats`) are the u64 totals.
     /// QoS 1/2 messages dropped because the queue was full.
-    pub dropped_queue_full: u64,
+    pub dropped_queue_full: u32,
     /// Messages that expired before they could be sent.
-    pub dropped_expired: u64,
+    pub dropped_expired: u32,
     /// Messages larger than the client's Maximum Packet Size.
-    pub dropped_too_large: u64,
+    pub dropped_too_large: u32,
     /// QoS 0 messages dropped while the session was offline.
-    pub dropped_qos0_offline: u64,
+    pub dropped_qos0_offline: u32,
 }
 
 /// What became of a message handed to [`Session::deliver`].
@@ -168,13 +170,15 @@ pub struct Session {
     qos2_in: BTreeSet<PacketId>,
     /// Boxed: a will (topic, payload, MQTT 5 properties) is ~400 bytes, and most sessions have none.
     will: Option<Box<Will>>,
-    pending_will: Option<PendingWill>,
+    /// Boxed: rare, and every session carries the field (16 bytes saved per session).
+    pending_will: Option<Box<PendingWill>>,
     /// Set while no connection is attached: when the session ends.
     expires_at: Option<Instant>,
     online: bool,
     // Connection-scoped, reset by `attach`:
     client_receive_maximum: u16,
-    client_maximum_packet_size: Option<u32>,
+    /// MQTT 5 forbids a Maximum Packet Size of 0, so the niche costs nothing: 4 bytes, not 8.
+    client_maximum_packet_size: Option<std::num::NonZeroU32>,
     topic_aliases: BTreeMap<u16, TopicName>,
     pub stats: SessionStats,
 }
@@ -254,7 +258,7 @@ impl Session {
         self.expires_at
     }
     pub fn pending_will(&self) -> Option<&PendingWill> {
-        self.pending_will.as_ref()
+        self.pending_will.as_deref()
     }
     pub fn session_expiry_secs(&self) -> u32 {
         self.session_expiry_secs
@@ -314,7 +318,7 @@ impl Session {
         let mut s = Session::blank(&image.client_id, protocol, limits, image.session_expiry_secs);
         s.subscriptions = image.subscriptions.into_iter().collect();
         s.qos2_in = image.qos2_in.into_iter().collect();
-        s.pending_will = image.pending_will;
+        s.pending_will = image.pending_will.map(Box::new);
         s.expires_at = image.expires_at;
         for m in image.messages {
             s.next_msg_id = s.next_msg_id.max(m.msg_id + 1);
@@ -332,7 +336,7 @@ impl Session {
                     if s.queue.len() >= s.limits.max_queued_messages
                         || s.queued_bytes.saturating_add(bytes) > s.limits.max_queued_bytes
                     {
-                        s.stats.dropped_queue_full += 1;
+                        s.stats.dropped_queue_full = s.stats.dropped_queue_full.saturating_add(1);
                         s.journal_push(Journal::Completed { msg_id: m.msg_id });
                         continue;
                     }
@@ -359,9 +363,9 @@ impl Session {
         self.expires_at = None;
         self.online = true;
         self.client_receive_maximum = negotiated.client_receive_maximum.max(1);
-        self.client_maximum_packet_size = negotiated.client_maximum_packet_size;
+        self.client_maximum_packet_size = negotiated.client_maximum_packet_size.and_then(std::num::NonZeroU32::new);
         self.topic_aliases.clear();
-        let max_packet_size = self.client_maximum_packet_size.map(|m| m as usize);
+        let max_packet_size = self.client_maximum_packet_size.map(|m| m.get() as usize);
         let protocol = self.protocol;
         let mut too_large = 0;
         let persistent = self.is_persistent();
@@ -387,7 +391,7 @@ impl Session {
             out.packets.push(packet);
             true
         });
-        self.stats.dropped_too_large += too_large;
+        self.stats.dropped_too_large = self.stats.dropped_too_large.saturating_add(too_large);
         self.pump(now, out);
     }
 
@@ -423,7 +427,7 @@ impl Session {
                 // 3.1.3.2.4), i.e. from `publish_at`, not from now.
                 let publish_at = now + Duration::from_secs(u64::from(delay));
                 self.pending_will =
-                    Some(PendingWill { message: will_message(&will, &self.client_id, publish_at), publish_at });
+                    Some(Box::new(PendingWill { message: will_message(&will, &self.client_id, publish_at), publish_at }));
             }
         }
         (immediate, ends_now)
@@ -445,7 +449,7 @@ impl Session {
     /// published at `now`, before its delay ran out: its message expiry still counts from when
     /// it is published (MQTT 5 3.1.3.2.4), so the deadline moves with it.
     pub fn take_pending_will(&mut self, now: Instant) -> Option<Message> {
-        let PendingWill { message, publish_at } = self.pending_will.take()?;
+        let PendingWill { message, publish_at } = *self.pending_will.take()?;
         let Some(expires_at) = message.expires_at else { return Some(message) };
         let interval = expires_at.saturating_duration_since(publish_at);
         Some(Arc::new(Publication {
@@ -554,12 +558,12 @@ impl Session {
     /// counted.
     pub fn deliver(&mut self, delivery: Delivery, now: Instant, out: &mut Outbox) -> DeliverOutcome {
         if delivery.message.is_expired(now) {
-            self.stats.dropped_expired += 1;
+            self.stats.dropped_expired = self.stats.dropped_expired.saturating_add(1);
             return DeliverOutcome::Dropped(DropReason::Expired);
         }
         if delivery.qos == QoS::AtMostOnce {
             if !self.online {
-                self.stats.dropped_qos0_offline += 1;
+                self.stats.dropped_qos0_offline = self.stats.dropped_qos0_offline.saturating_add(1);
                 return DeliverOutcome::Dropped(DropReason::Qos0Offline);
             }
             return match self.send_publish(&delivery, None, now, out) {
@@ -579,7 +583,7 @@ impl Session {
         if self.queue.len() >= self.limits.max_queued_messages
             || self.queued_bytes.saturating_add(bytes) > self.limits.max_queued_bytes
         {
-            self.stats.dropped_queue_full += 1;
+            self.stats.dropped_queue_full = self.stats.dropped_queue_full.saturating_add(1);
             return DeliverOutcome::Dropped(DropReason::QueueFull);
         }
         let msg_id = self.accept(&delivery);
@@ -630,7 +634,7 @@ impl Session {
             let Some(Queued { msg_id, delivery }) = self.queue.pop_front() else { break };
             self.queued_bytes -= delivery.message.payload.len();
             if delivery.message.is_expired(now) {
-                self.stats.dropped_expired += 1;
+                self.stats.dropped_expired = self.stats.dropped_expired.saturating_add(1);
                 self.journal_push(Journal::Completed { msg_id });
                 continue;
             }
@@ -658,8 +662,8 @@ impl Session {
     fn fitting_publish(&mut self, d: &Delivery, now: Instant) -> Option<Packet> {
         let packet = Packet::Publish(publish_packet(d, Some(PacketId(std::num::NonZeroU16::MIN)), now));
         if let Some(max) = self.client_maximum_packet_size {
-            if encoded_len(&packet, self.protocol) > max as usize {
-                self.stats.dropped_too_large += 1;
+            if encoded_len(&packet, self.protocol) > max.get() as usize {
+                self.stats.dropped_too_large = self.stats.dropped_too_large.saturating_add(1);
                 return None;
             }
         }
@@ -683,8 +687,8 @@ impl Session {
     fn send_publish(&mut self, d: &Delivery, packet_id: Option<PacketId>, now: Instant, out: &mut Outbox) -> bool {
         let packet = Packet::Publish(publish_packet(d, packet_id, now));
         if let Some(max) = self.client_maximum_packet_size {
-            if encoded_len(&packet, self.protocol) > max as usize {
-                self.stats.dropped_too_large += 1;
+            if encoded_len(&packet, self.protocol) > max.get() as usize {
+                self.stats.dropped_too_large = self.stats.dropped_too_large.saturating_add(1);
                 return false;
             }
         }

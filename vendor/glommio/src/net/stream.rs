@@ -154,24 +154,29 @@ impl RxBuf for Preallocated {
     }
 }
 
+/// Flux patch 6: 24 bytes instead of 40 (every socket has two): the timeout in nanoseconds (0 is
+/// none; glommio refuses a zero timeout anyway) and the armed deadline as a `Stamp`.
 #[derive(Debug)]
 struct Timeout {
     id: u64,
-    timeout: Cell<Option<Duration>>,
-    timer: Cell<Option<Instant>>,
+    timeout_nanos: Cell<u64>,
+    timer: Cell<crate::sys::Stamp>,
 }
 
 impl Timeout {
     fn new(id: u64) -> Self {
         Self {
             id,
-            timeout: Cell::new(None),
-            timer: Cell::new(None),
+            timeout_nanos: Cell::new(0),
+            timer: Cell::new(crate::sys::Stamp::default()),
         }
     }
 
     fn get(&self) -> Option<Duration> {
-        self.timeout.get()
+        match self.timeout_nanos.get() {
+            0 => None,
+            n => Some(Duration::from_nanos(n)),
+        }
     }
 
     fn set(&self, dur: Option<Duration>) -> Result<()> {
@@ -180,28 +185,32 @@ impl Timeout {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL).into());
             }
         }
-        self.timeout.set(dur);
+        let nanos = dur.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        self.timeout_nanos.set(nanos);
         Ok(())
     }
 
     fn maybe_set_timer(&self, reactor: &Reactor, waker: &Waker) {
-        if let Some(timeout) = self.timeout.get() {
-            if self.timer.get().is_none() {
-                let deadline = Instant::now() + timeout;
-                reactor.insert_timer(self.id, deadline, waker.clone());
-                self.timer.set(Some(deadline));
+        if let Some(timeout) = self.get() {
+            if self.timer.get().get().is_none() {
+                let deadline = crate::sys::Stamp::at(Instant::now() + timeout);
+                // The timer is keyed by the instant the stamp gives back (exact to the ns).
+                if let Some(at) = deadline.get() {
+                    reactor.insert_timer(self.id, at, waker.clone());
+                    self.timer.set(deadline);
+                }
             }
         }
     }
 
     fn cancel_timer(&self, reactor: &Reactor) {
-        if self.timer.take().is_some() {
+        if self.timer.take().get().is_some() {
             reactor.remove_timer(self.id);
         }
     }
 
     fn check(&self, reactor: &Reactor) -> io::Result<()> {
-        if let Some(deadline) = self.timer.get() {
+        if let Some(deadline) = self.timer.get().get() {
             if !reactor.timer_exists(&(deadline, self.id)) {
                 reactor.remove_timer(self.id);
                 self.timer.take();

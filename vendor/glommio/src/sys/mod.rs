@@ -548,8 +548,8 @@ pub(super) struct Latencies {
 
 /// Flux patch 5: an optional instant in 8 bytes (nanoseconds after a process-wide origin, plus
 /// one; 0 is none) where `Option<Instant>` takes 16. Every in-flight source carries three.
-#[derive(Debug, Clone, Copy, Default)]
-pub(super) struct Stamp(u64);
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Stamp(u64);
 
 impl Stamp {
     fn origin() -> std::time::Instant {
@@ -557,20 +557,25 @@ impl Stamp {
         *ORIGIN.get_or_init(std::time::Instant::now)
     }
 
-    pub(super) fn at(t: std::time::Instant) -> Stamp {
+    pub(crate) fn at(t: std::time::Instant) -> Stamp {
         let nanos = t.saturating_duration_since(Self::origin()).as_nanos();
         Stamp(u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1)
     }
 
-    pub(super) fn now() -> Stamp {
+    pub(crate) fn now() -> Stamp {
         Self::at(std::time::Instant::now())
     }
 
-    fn take(&mut self) -> Option<std::time::Instant> {
-        match std::mem::take(&mut self.0) {
+    /// The instant, exactly as given to [`Stamp::at`] (nanosecond resolution, like `Instant`).
+    pub(crate) fn get(self) -> Option<std::time::Instant> {
+        match self.0 {
             0 => None,
             n => Some(Self::origin() + Duration::from_nanos(n - 1)),
         }
+    }
+
+    pub(crate) fn take(&mut self) -> Option<std::time::Instant> {
+        std::mem::take(self).get()
     }
 }
 
