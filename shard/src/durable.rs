@@ -134,6 +134,10 @@ pub struct ShardLog {
     /// Set by every append: the flusher commits records nobody waits for (a disconnect, an
     /// expiry) soon, and in the interval mode everything.
     dirty: Signal,
+    /// Set by every append: the checkpoint loop and the spare-segment loop sleep on these, so
+    /// an idle shard does not wake to check a log that has not grown (a `Signal` wakes one task).
+    grew: Signal,
+    grew_spare: Signal,
     /// Live bytes written by the last checkpoint, and the log's size right after it.
     checkpoint: Cell<(u64, u64)>,
     growth_factor: u64,
@@ -197,6 +201,8 @@ impl ShardLog {
             replies: RefCell::new(VecDeque::new()),
             replies_ready: Signal::default(),
             dirty: Signal::default(),
+            grew: Signal::default(),
+            grew_spare: Signal::default(),
             // Nothing known to be live yet: a recovered log longer than two segments is
             // checkpointed right away (its live part may be tiny).
             checkpoint: Cell::new((0, 0)),
@@ -222,7 +228,7 @@ impl ShardLog {
     /// Buffer a record (made durable by the next commit). A refusal is counted and logged; the
     /// caller finds it through [`since`](ShardLog::since).
     pub fn append(&self, record: &Record) {
-        self.dirty.notify();
+        self.notify_appended();
         if let Err(e) = self.wal.append(record) {
             let n = self.failures.get() + 1;
             self.failures.set(n);
@@ -235,7 +241,7 @@ impl ShardLog {
     /// A checkpoint's record: not bounded by `max_pending_bytes` (it copies state held in memory
     /// anyway), and a refusal does not count against other work (the checkpoint fails alone).
     pub fn append_checkpoint(&self, record: &Record) -> bool {
-        self.dirty.notify();
+        self.notify_appended();
         self.wal.append_unbounded(record).is_ok()
     }
 
@@ -326,7 +332,9 @@ impl ShardLog {
     pub async fn run_spare(self: std::rc::Rc<Self>) {
         let mut failures = 0u64;
         loop {
-            // Rollovers come seconds apart even at full speed; a rarer check costs fewer wake-ups.
+            // Only appends roll the log over (and take the spare). Rollovers come seconds apart
+            // even at full speed; a rarer check costs fewer wake-ups.
+            self.grew_spare.wait().await;
             glommio::timer::sleep(Duration::from_millis(100)).await;
             if self.wal.has_spare() || self.wal.poisoned().is_some() || self.wal.segment_ids().is_empty() {
                 continue;
@@ -347,6 +355,18 @@ impl ShardLog {
             return true;
         }
         self.wal.commit().await.is_ok()
+    }
+
+    fn notify_appended(&self) {
+        self.dirty.notify();
+        self.grew.notify();
+        self.grew_spare.notify();
+    }
+
+    /// Completes once something was appended since the last wait (at once if it already was).
+    /// For the checkpoint loop, its only waiter.
+    pub fn grown(&self) -> crate::signal::SignalWait<'_> {
+        self.grew.wait()
     }
 
     /// Whether the log has grown enough since the last checkpoint to write a new one.
