@@ -172,11 +172,13 @@ pub async fn serve(broker: Rc<Broker>, stream: TcpStream, already_read: Bytes) {
     let conn = Rc::new(Outbound::new(negotiated.protocol, stream.borrow().as_raw_fd(), keep_alive, Instant::now()));
     let opened = broker.open_session(&negotiated, conn.clone(), Instant::now());
     tracing::debug!(client_id = %negotiated.client_id, shard = %broker.me(), session_present = opened.session_present, "client connected");
-    let client_id = negotiated.client_id;
+    let client_id = broker
+        .session_client_id(opened.key)
+        .unwrap_or_else(|| std::sync::Arc::from(negotiated.client_id.as_str()));
     // The session loop runs as its own task: glommio sizes a task for its largest state, and the
     // CONNECT phase's state (3 KB: the CONNECT, limits, refusal paths) would otherwise stay
     // allocated for the whole life of every connection. This task ends here and frees it.
-    let attached = Attached { buf, decoder, client_id: client_id.into_boxed_str(), _permit: permit };
+    let attached = Attached { buf, decoder, client_id, _permit: permit };
     glommio::spawn_local(run_session(broker, stream, conn, opened, attached)).detach();
 }
 
@@ -185,7 +187,8 @@ pub async fn serve(broker: Rc<Broker>, stream: TcpStream, already_read: Bytes) {
 struct Attached {
     buf: BytesMut,
     decoder: Decoder,
-    client_id: Box<str>,
+    /// The session's own `Arc` (one allocation for the session, the broker's table and this).
+    client_id: std::sync::Arc<str>,
     _permit: ConnectionPermit,
 }
 

@@ -227,6 +227,12 @@ impl Broker {
         }
     }
 
+    /// The client id of session `key`, shared with the session (no copy).
+    pub fn session_client_id(&self, key: SessKey) -> Option<Arc<str>> {
+        let st = self.state.borrow();
+        st.entries.get(&key).map(|e| e.borrow().session.client_id().clone())
+    }
+
     /// Attach a connection to its session (taking over a connected one, discarding it on clean
     /// start, or resuming it). Sends CONNACK and any retransmissions through `conn`; for a
     /// persistent session they wait until the session's records are durable.
@@ -304,7 +310,7 @@ impl Broker {
         let (key, session_present) = match resumed {
             Some(key) => (key, true),
             None => {
-                let mut session = Session::new(negotiated, &self.limits);
+                let mut session = Session::with_client_id(client_id.clone(), negotiated, &self.limits);
                 session.attach(negotiated, now, &mut out);
                 let logged = self.log.is_some() && session.is_persistent();
                 let mut entry = SessionEntry { session, conn: Some(conn.clone()), conn_id, logged };

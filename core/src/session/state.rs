@@ -198,15 +198,21 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// A fresh session for an accepted CONNECT (not yet attached).
     pub fn new(negotiated: &Negotiated, limits: &Arc<Limits>) -> Session {
-        let mut s = Session::blank(&negotiated.client_id, negotiated.protocol, limits, negotiated.session_expiry_secs);
+        Session::with_client_id(Arc::from(negotiated.client_id.as_str()), negotiated, limits)
+    }
+
+    /// [`Session::new`] with the client id already shared (the broker's tables and the
+    /// connection keep the same allocation).
+    pub fn with_client_id(client_id: Arc<str>, negotiated: &Negotiated, limits: &Arc<Limits>) -> Session {
+        let mut s = Session::blank(client_id, negotiated.protocol, limits, negotiated.session_expiry_secs);
         s.requested_expiry_zero = negotiated.requested_expiry_zero();
         s
     }
 
     /// A session with nothing in it, offline.
-    fn blank(client_id: &str, protocol: ProtocolVersion, limits: &Arc<Limits>, session_expiry_secs: u32) -> Session {
+    fn blank(client_id: Arc<str>, protocol: ProtocolVersion, limits: &Arc<Limits>, session_expiry_secs: u32) -> Session {
         Session {
-            client_id: Arc::from(client_id),
+            client_id,
             protocol,
             limits: limits.clone(),
             subscriptions: BTreeMap::new(),
@@ -315,7 +321,7 @@ impl Session {
     /// in the queue. The limits apply again (a queue beyond them keeps what fits, oldest first).
     pub fn restore(image: RestoredSession, limits: &Arc<Limits>) -> Session {
         let protocol = if image.protocol_level == 5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
-        let mut s = Session::blank(&image.client_id, protocol, limits, image.session_expiry_secs);
+        let mut s = Session::blank(Arc::from(image.client_id.as_str()), protocol, limits, image.session_expiry_secs);
         s.subscriptions = image.subscriptions.into_iter().collect();
         s.qos2_in = image.qos2_in.into_iter().collect();
         s.pending_will = image.pending_will.map(Box::new);
