@@ -6,6 +6,9 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::os::fd::RawFd;
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::task::Poll;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +16,7 @@ use bytes::BytesMut;
 use flux_core::mqtt::{encode_packet, Disconnect, Packet, ProtocolVersion, ReasonCode};
 
 use crate::durable::{Pending, ShardLog};
-use crate::signal::Signal;
+use crate::signal::BitSignal;
 
 /// Something the bytes after a point of the outbound stream must wait for: an acknowledgement
 /// is written only once what it acknowledges is durable.
@@ -122,17 +125,47 @@ pub struct Outbound {
     holds: RefCell<VecDeque<(u64, Hold)>>,
     /// Absolute offset of `buf`'s first byte.
     taken: Cell<u64>,
-    wake: Signal,
+    wake: BitSignal,
     /// Notified when the writer finished a write (or the connection closes): the reader waits on
     /// it while too much output is unwritten.
-    drained: Signal,
-    closing: Cell<bool>,
+    drained: BitSignal,
+    /// `WAKE`, `DRAINED` (the two signals' notified bits) and `CLOSING`, in one byte: every
+    /// connection has an `Outbound`, and this keeps it in the allocator's 160-byte class.
+    flags: Cell<u8>,
     fd: RawFd,
     /// 1.5 x the negotiated keep alive (MQTT 3.1.2.10); `None`: no keep alive.
-    keep_alive_grace: Option<Duration>,
+    /// In milliseconds (4 bytes, not 16): keep alive is at most 65,535 s, times 1.5.
+    keep_alive_grace_ms: Option<NonZeroU32>,
     /// When the client last sent bytes. Checked by the shard's housekeeping sweep rather than a
     /// timer per read: a read only stores an instant.
-    last_read: Cell<Instant>,
+    /// Milliseconds after [`origin`] (8 bytes, not 16).
+    last_read_ms: Cell<u64>,
+}
+
+/// `Outbound::flags` bits.
+const WAKE: u8 = 1;
+const DRAINED: u8 = 2;
+const CLOSING: u8 = 4;
+
+/// The instant keep-alive times count from (the first use in the process).
+fn origin() -> Instant {
+    static ORIGIN: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+fn millis_since_origin(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(origin()).as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Outbound {
+    fn is_flag(&self, bit: u8) -> bool {
+        self.flags.get() & bit != 0
+    }
+
+    fn set_flag(&self, bit: u8, on: bool) {
+        let flags = self.flags.get();
+        self.flags.set(if on { flags | bit } else { flags & !bit });
+    }
 }
 
 impl Outbound {
@@ -142,23 +175,26 @@ impl Outbound {
             buf: RefCell::new(BytesMut::new()),
             holds: RefCell::new(VecDeque::new()),
             taken: Cell::new(0),
-            wake: Signal::default(),
-            drained: Signal::default(),
-            closing: Cell::new(false),
+            wake: BitSignal::default(),
+            drained: BitSignal::default(),
+            flags: Cell::new(0),
             fd,
-            keep_alive_grace,
-            last_read: Cell::new(now),
+            keep_alive_grace_ms: keep_alive_grace
+                .and_then(|g| NonZeroU32::new(u32::try_from(g.as_millis()).unwrap_or(u32::MAX).max(1))),
+            last_read_ms: Cell::new(millis_since_origin(now)),
         }
     }
 
     /// The client sent something at `now`.
     pub fn touch(&self, now: Instant) {
-        self.last_read.set(now);
+        self.last_read_ms.set(millis_since_origin(now));
     }
 
     /// Whether the client has been silent for longer than 1.5 x its keep alive.
     pub fn keep_alive_expired(&self, now: Instant) -> bool {
-        self.keep_alive_grace.is_some_and(|grace| now.saturating_duration_since(self.last_read.get()) > grace)
+        self.keep_alive_grace_ms.is_some_and(|grace| {
+            millis_since_origin(now).saturating_sub(self.last_read_ms.get()) > u64::from(grace.get())
+        })
     }
 
     pub fn version(&self) -> ProtocolVersion {
@@ -167,7 +203,7 @@ impl Outbound {
 
     /// Encode `packets` for this peer and wake the writer. Ignored once closing.
     pub fn send<'a>(&self, packets: impl IntoIterator<Item = &'a Packet>) {
-        if self.closing.get() {
+        if self.is_flag(CLOSING) {
             return;
         }
         let mut buf = self.buf.borrow_mut();
@@ -177,13 +213,13 @@ impl Outbound {
         }
         if buf.len() != before {
             drop(buf);
-            self.wake.notify();
+            self.wake.notify(&self.flags, WAKE);
         }
     }
 
     /// Encode `packets` to be written only after `hold` resolved (and everything before it).
     pub fn send_after<'a>(&self, hold: Option<Hold>, packets: impl IntoIterator<Item = &'a Packet>) {
-        if self.closing.get() {
+        if self.is_flag(CLOSING) {
             return;
         }
         if let Some(h) = hold {
@@ -197,7 +233,7 @@ impl Outbound {
             if !covered {
                 holds.push_back((at, h));
                 // The writer may be idle with nothing to write: it must come and wait on this.
-                self.wake.notify();
+                self.wake.notify(&self.flags, WAKE);
             }
         }
         self.send(packets);
@@ -207,7 +243,7 @@ impl Outbound {
     pub fn hold_close(&self, hold: Hold) {
         let at = self.taken.get() + self.buf.borrow().len() as u64;
         self.holds.borrow_mut().push_back((at, hold));
-        self.wake.notify();
+        self.wake.notify(&self.flags, WAKE);
     }
 
     /// For the writer task: the next bytes to write, a hold to wait for first, or nothing.
@@ -218,7 +254,7 @@ impl Outbound {
         let limit = match holds.front() {
             Some(&(at, _)) if at <= taken => {
                 // One hold fewer: a reader waiting in `wait_writable` may go on.
-                self.drained.notify();
+                self.drained.notify(&self.flags, DRAINED);
                 return match holds.pop_front() {
                     Some((_, h)) => Next::Wait(h),
                     None => Next::Idle,
@@ -239,7 +275,7 @@ impl Outbound {
     pub fn fail_held(&self) {
         self.holds.borrow_mut().clear();
         self.buf.borrow_mut().clear();
-        self.closing.set(false);
+        self.set_flag(CLOSING, false);
         self.close(Some(ReasonCode::UnspecifiedError));
         // The DISCONNECT just encoded is the only thing left; nothing holds it.
     }
@@ -257,22 +293,22 @@ impl Outbound {
     }
 
     pub fn is_closing(&self) -> bool {
-        self.closing.get()
+        self.is_flag(CLOSING)
     }
 
     /// Close from the server side: a DISCONNECT with `reason` for MQTT 5 peers (when given); the
     /// read side is shut at once (the reader ends even if the client stopped reading and the
     /// writer is stuck); the writer flushes what is buffered and shuts the socket down.
     pub fn close(&self, reason: Option<ReasonCode>) {
-        if self.closing.get() {
+        if self.is_flag(CLOSING) {
             return;
         }
         if let Some(reason) = reason.filter(|_| self.version.is_v5()) {
             self.send([&Packet::Disconnect(Disconnect::new(reason))]);
         }
-        self.closing.set(true);
-        self.wake.notify();
-        self.drained.notify();
+        self.set_flag(CLOSING, true);
+        self.wake.notify(&self.flags, WAKE);
+        self.drained.notify(&self.flags, DRAINED);
         // End the reader now, whatever the writer is doing: its pending read returns EOF and the
         // session detaches. The write side stays open so the DISCONNECT can still go out (within
         // close_flush_timeout_secs) to a client that is reading.
@@ -284,7 +320,7 @@ impl Outbound {
 
     /// For the writer task: a write finished; a reader waiting in `wait_writable` may go on.
     pub fn notify_drained(&self) {
-        self.drained.notify();
+        self.drained.notify(&self.flags, DRAINED);
     }
 
     /// For the reader: wait while more than `limit_bytes` of output are unwritten, or more than
@@ -292,15 +328,25 @@ impl Outbound {
     /// replies (or floods QoS 1 publishes faster than the disk commits them; MQTT 3.1.1 has no
     /// Receive Maximum) cannot make the server buffer one per request (TCP pushes back on it
     /// instead). Returns at once when closing.
-    pub async fn wait_writable(&self, limit_bytes: usize, max_holds: usize) {
-        while (self.buffered_bytes() > limit_bytes || self.holds.borrow().len() > max_holds) && !self.closing.get() {
-            self.drained.wait().await;
-        }
+    ///
+    /// Poll functions rather than `async fn`s here and in [`Outbound::wait`]: these waits are
+    /// part of every idle connection's task state.
+    pub fn wait_writable(&self, limit_bytes: usize, max_holds: usize) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| loop {
+            let full = self.buffered_bytes() > limit_bytes || self.holds.borrow().len() > max_holds;
+            if !full || self.is_flag(CLOSING) {
+                return Poll::Ready(());
+            }
+            match self.drained.poll_wait(&self.flags, DRAINED, cx) {
+                Poll::Ready(()) => continue, // notified: look again
+                Poll::Pending => return Poll::Pending,
+            }
+        })
     }
 
     /// For the writer task: wait until there is something to write or the connection closes.
-    pub async fn wait(&self) {
-        self.wake.wait().await
+    pub fn wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| self.wake.poll_wait(&self.flags, WAKE, cx))
     }
 
 

@@ -31,6 +31,36 @@ impl Signal {
     }
 }
 
+/// A [`Signal`] whose "notified" bit lives in a flag byte that its owner shares with other
+/// state: a struct with several pays one byte for all their bits instead of a padded word each
+/// (every connection's `Outbound` has two).
+#[derive(Default)]
+pub struct BitSignal {
+    waker: Cell<Option<Waker>>,
+}
+
+impl BitSignal {
+    /// Sets `bit` in `flags` and wakes the waiter, if any.
+    pub fn notify(&self, flags: &Cell<u8>, bit: u8) {
+        flags.set(flags.get() | bit);
+        if let Some(w) = self.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Ready (clearing `bit`) once `bit` is set in `flags`; otherwise keeps the waker. A poll
+    /// function rather than a future type, so that the owner's wait futures hold one reference.
+    pub fn poll_wait(&self, flags: &Cell<u8>, bit: u8, cx: &mut Context<'_>) -> Poll<()> {
+        let now = flags.get();
+        if now & bit != 0 {
+            flags.set(now & !bit);
+            return Poll::Ready(());
+        }
+        self.waker.set(Some(cx.waker().clone()));
+        Poll::Pending
+    }
+}
+
 pub struct SignalWait<'a> {
     signal: &'a Signal,
 }
