@@ -166,9 +166,7 @@ impl Outbound {
         let flags = self.flags.get();
         self.flags.set(if on { flags | bit } else { flags & !bit });
     }
-}
 
-impl Outbound {
     pub fn new(version: ProtocolVersion, fd: RawFd, keep_alive_grace: Option<Duration>, now: Instant) -> Outbound {
         Outbound {
             version,
