@@ -69,8 +69,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     // Held until run() returns: the process lifetime.
     let lock = checks::prepare_data_dir(&config.data_dir)?;
 
-    let shutdown = Arc::new(AtomicBool::new(false));
-    install_signal_handlers(&shutdown)?;
+    let shutdown = install_signal_handlers()?;
 
     tracing::info!(
         config_file = %config.config_file.as_deref().map_or("none".into(), |p| p.display().to_string()),
@@ -88,24 +87,28 @@ fn run(mut config: Config) -> anyhow::Result<()> {
         "effective config"
     );
 
-    flux_net::run(config.broker_config(), Arc::clone(&shutdown))
+    flux_net::run(config.broker_config(), shutdown)
         .context("broker runtime failed")?;
     tracing::info!("fluxd stopped");
     drop(lock);
     Ok(())
 }
 
-/// The first SIGINT/SIGTERM sets `shutdown` (graceful: the runtime disconnects clients and
-/// returns); a second one ends the process at once from the signal handler.
-fn install_signal_handlers(shutdown: &Arc<AtomicBool>) -> anyhow::Result<()> {
+/// The first SIGINT/SIGTERM requests the returned shutdown (graceful: the runtime disconnects
+/// clients and returns); a second one ends the process at once from the signal handler.
+fn install_signal_handlers() -> anyhow::Result<flux_net::Shutdown> {
+    let flag = Arc::new(AtomicBool::new(false));
     for (signal, code) in [(SIGINT, 130), (SIGTERM, 143)] {
         // Registered first, so it sees the flag as it was before this signal set it.
-        signal_hook::flag::register_conditional_shutdown(signal, code, Arc::clone(shutdown))
+        signal_hook::flag::register_conditional_shutdown(signal, code, Arc::clone(&flag))
             .context("cannot install signal handler")?;
-        signal_hook::flag::register(signal, Arc::clone(shutdown))
+        signal_hook::flag::register(signal, Arc::clone(&flag))
             .context("cannot install signal handler")?;
     }
-    // Logging cannot happen inside a signal handler; a thread reports what arrived.
+    let shutdown = flux_net::Shutdown::new(flag);
+    let waker = shutdown.clone();
+    // A signal handler can only set the flag; this thread logs the signal and wakes the shards
+    // (which park on the request instead of polling the flag).
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .context("cannot install signal handler")?;
     std::thread::Builder::new()
@@ -121,10 +124,11 @@ fn install_signal_handlers(shutdown: &Arc<AtomicBool>) -> anyhow::Result<()> {
                     signal = name,
                     "shutting down gracefully; send the signal again to exit immediately"
                 );
+                waker.request();
             }
         })
         .context("cannot start signal thread")?;
-    Ok(())
+    Ok(shutdown)
 }
 
 fn init_logging(config: &Config) -> anyhow::Result<()> {

@@ -1,7 +1,6 @@
 //! flux-net: listeners and connection drivers.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use std::rc::Rc;
@@ -21,6 +20,9 @@ use glommio::net::TcpListener;
 
 pub mod admin;
 pub mod conn;
+mod shutdown;
+
+pub use shutdown::Shutdown;
 
 /// Everything the broker runtime needs to start. The CLI builds it from flags and `fluxd.toml`.
 #[derive(Clone, Debug)]
@@ -57,9 +59,9 @@ pub enum StartError {
     Recovery { shard: u16, dir: String, reason: String },
 }
 
-/// Run the broker until `shutdown` becomes true, then disconnect clients (MQTT 5: DISCONNECT 0x8B
+/// Run the broker until `shutdown` is requested, then disconnect clients (MQTT 5: DISCONNECT 0x8B
 /// Server shutting down) and return. Blocks the calling thread.
-pub fn run(config: BrokerConfig, shutdown: Arc<AtomicBool>) -> Result<(), StartError> {
+pub fn run(config: BrokerConfig, shutdown: Shutdown) -> Result<(), StartError> {
     let shards = config.shards.max(1);
     let endpoints = build_mesh::<ShardMsg>(shards, config.limits.ring_capacity.max(1));
     let shared = Arc::new(Shared {
@@ -87,7 +89,7 @@ const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(500);
 /// Start-up state shared by the shard threads (not the data path: touched once per shard).
 struct Shared {
     config: BrokerConfig,
-    shutdown: Arc<AtomicBool>,
+    shutdown: Shutdown,
     connections: Arc<AtomicUsize>,
     /// The address shard 0 bound (its real port when asked for port 0), or why it could not.
     bound: Mutex<Option<Result<SocketAddr, String>>>,
@@ -151,7 +153,7 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
     let listener = bind_listener(me, &shared);
     let (mesh, inbound) = endpoints.connect().await;
     let Some(listener) = listener else {
-        shared.shutdown.store(true, Ordering::Relaxed);
+        shared.shutdown.request();
         return;
     };
     if me.0 == 0 {
@@ -170,7 +172,7 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
             tracing::error!(shard = %me, dir = %dir.display(), error = %e, "WAL recovery failed");
             *lock(&shared.error) =
                 Some(StartError::Recovery { shard: me.0, dir: dir.display().to_string(), reason: e.to_string() });
-            shared.shutdown.store(true, Ordering::Relaxed);
+            shared.shutdown.request();
             shared.restored.fetch_add(1, Ordering::AcqRel);
             // Keep answering the mesh so the other shards' start-up never waits on this one.
             let m = mesh.clone();
@@ -219,7 +221,7 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
             "spill files cannot be opened: queue backlogs stay in memory"),
     }
     shared.restored.fetch_add(1, Ordering::AcqRel);
-    while shared.restored.load(Ordering::Acquire) < usize::from(shards_of(&shared)) && !shared.shutdown.load(Ordering::Relaxed) {
+    while shared.restored.load(Ordering::Acquire) < usize::from(shards_of(&shared)) && !shared.shutdown.is_requested() {
         glommio::timer::sleep(Duration::from_millis(2)).await;
     }
     if me.0 == 0 {
@@ -265,9 +267,7 @@ async fn shard_main(me: ShardId, endpoints: MeshEndpoints<ShardMsg>, shared: Arc
     })
     .detach();
 
-    while !shared.shutdown.load(Ordering::Relaxed) {
-        glommio::timer::sleep(Duration::from_millis(100)).await;
-    }
+    shared.shutdown.wait().await;
     accept.cancel();
     housekeeping.cancel();
     broker.shutdown();
