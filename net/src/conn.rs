@@ -20,7 +20,7 @@ use flux_shard::handover::SocketHandover;
 use flux_shard::msg::ShardMsg;
 use flux_shard::outbound::{Hold, Next, Outbound, Resolved};
 use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
+use glommio::net::{ReadReadiness, TcpStream};
 use std::os::fd::AsRawFd;
 
 /// Size of the per-shard scratch buffer reads land in; the largest single read.
@@ -62,6 +62,44 @@ async fn read_some(stream: &RefCell<TcpStream>, buf: &mut BytesMut) -> Read {
         })
     })
     .await
+}
+
+/// Wait until the socket is readable, as its multishot poll `ready` reports, and append what
+/// `recv` returns to `buf`. An active connection re-arms nothing and allocates nothing per read; an
+/// idle one holds only its readiness slot.
+fn read_ready<'a>(
+    stream: &'a RefCell<TcpStream>,
+    ready: &'a ReadReadiness,
+    buf: &'a mut BytesMut,
+) -> impl Future<Output = Read> + 'a {
+    std::future::poll_fn(move |cx| {
+        let fd = stream.borrow().as_raw_fd();
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            loop {
+                // SAFETY: `recv` writes at most `scratch.len()` bytes into the buffer it is given.
+                let n = unsafe { libc::recv(fd, scratch.as_mut_ptr().cast(), scratch.len(), libc::MSG_DONTWAIT) };
+                if n > 0 {
+                    buf.extend_from_slice(&scratch[..n as usize]);
+                    return Poll::Ready(Read::Data);
+                }
+                if n == 0 {
+                    return Poll::Ready(Read::Eof);
+                }
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    // Ready consumes one readiness event (at most one per loop: completions are
+                    // only processed between polls), so this retries at most once.
+                    std::io::ErrorKind::WouldBlock => match ready.poll_readable(cx) {
+                        Poll::Ready(()) => continue,
+                        Poll::Pending => return Poll::Pending,
+                    },
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => return Poll::Ready(Read::Failed(e)),
+                }
+            }
+        })
+    })
 }
 
 /// Write all of `data`, borrowing the stream only inside `poll`. A plain `poll_fn` (not an
@@ -210,11 +248,15 @@ fn run_session(
 ) -> impl Future<Output = ()> {
     async move {
         set_read_timeout(&stream, None); // the CONNECT deadline no longer applies
+        // From here the reader waits on one multishot poll (see `read_ready`), not on the
+        // stream's one-shot poll, which is dropped.
+        stream.borrow_mut().release_read_poll();
+        let ready = ReadReadiness::new(stream.borrow().as_raw_fd());
         // Once the reader ends, let the writer flush the DISCONNECT and what was queued, but not
         // forever: a client that stopped reading would otherwise hold this task, its buffers and
         // its socket.
         let flushed = Loops {
-            reader: read_loop(&broker, &stream, &conn, &opened, &mut attached),
+            reader: read_loop(&broker, &stream, &ready, &conn, &opened, &mut attached),
             writer: write_loop(&stream, &conn),
             reader_done: false,
             writer_done: false,
@@ -357,6 +399,7 @@ async fn flush_then_resolve(stream: &RefCell<TcpStream>, conn: &Outbound, batch:
 fn read_loop<'a>(
     broker: &'a Rc<Broker>,
     stream: &'a RefCell<TcpStream>,
+    ready: &'a ReadReadiness,
     conn: &'a Outbound,
     opened: &'a Opened,
     attached: &'a mut Attached,
@@ -405,7 +448,7 @@ fn read_loop<'a>(
             // A socket that always has data never makes a read wait: let the shard's other
             // tasks (ring flushes, drains, other connections) run when this one had its share.
             glommio::yield_if_needed().await;
-            match read_some(stream, &mut attached.buf).await {
+            match read_ready(stream, ready, &mut attached.buf).await {
                 Read::Data => conn.touch(Instant::now()),
                 Read::TimedOut | Read::Eof => {
                     conn.close(None);

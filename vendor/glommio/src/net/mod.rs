@@ -107,11 +107,13 @@ fn yolo_sendmsg(
 }
 
 mod datagram;
+mod readiness;
 mod stream;
 mod tcp_socket;
 mod udp_socket;
 mod unix;
 pub use self::{
+    readiness::ReadReadiness,
     stream::{Buffered, Preallocated},
     tcp_socket::{AcceptedTcpStream, TcpListener, TcpStream},
     udp_socket::UdpSocket,

@@ -245,6 +245,15 @@ impl<S: AsRawFd> NonBufferedStream<S> {
         super::yolo_peek(self.stream.as_raw_fd(), buf)
     }
 
+    /// Flux patch 8: drops the read poll `poll_read` keeps armed (cancelled if in flight), for a
+    /// caller that waits for readability another way from now on.
+    pub(crate) fn release_read_poll(&mut self) {
+        self.source_rx.take();
+        if let Some(reactor) = self.reactor.upgrade() {
+            self.read_timeout.cancel_timer(&reactor);
+        }
+    }
+
     pub(crate) async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
         let source = self.reactor.upgrade().unwrap().recv(
             self.stream.as_raw_fd(),
@@ -439,6 +448,11 @@ impl<S: AsRawFd, B: RxBuf> GlommioStream<S, B> {
             return Ok(pos);
         }
         self.stream.peek(buf).await
+    }
+
+    /// Flux patch 8: see `NonBufferedStream::release_read_poll`.
+    pub(crate) fn release_read_poll(&mut self) {
+        self.stream.release_read_poll();
     }
 
     pub(crate) fn poll_read(

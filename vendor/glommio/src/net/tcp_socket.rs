@@ -561,6 +561,13 @@ impl<B: RxBuf> TcpStream<B> {
             .map_err(Into::into)
     }
 
+    /// Flux patch 8: drops the read poll that reads keep armed after a short read (cancelling it
+    /// if it is in the kernel). For a caller that waits for readability with a
+    /// [`ReadReadiness`](crate::net::ReadReadiness) from now on and reads the fd itself.
+    pub fn release_read_poll(&mut self) {
+        self.stream.release_read_poll();
+    }
+
     /// Sets the value of the `TCP_NODELAY` option on this socket.
     ///
     /// If set, this option disables the Nagle algorithm. This means that

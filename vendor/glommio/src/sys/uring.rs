@@ -57,6 +57,8 @@ const MSG_ZEROCOPY: i32 = 0x4000000;
 #[derive(Debug)]
 enum UringOpDescriptor {
     PollAdd(PollFlags),
+    /// Flux patch 8: a multishot poll (`IORING_POLL_ADD_MULTI`) for a [`Readiness`] slot.
+    PollAddMulti(PollFlags),
     PollRemove(*const u8),
     Cancel(u64),
     Write(*const u8, usize, u64),
@@ -274,6 +276,10 @@ fn fill_sqe<F>(
         match op.args {
             UringOpDescriptor::PollAdd(events) => {
                 sqe.prep_poll_add(op.fd, events);
+            }
+            UringOpDescriptor::PollAddMulti(events) => {
+                sqe.prep_poll_add(op.fd, events);
+                sqe.raw_mut().len = IORING_POLL_ADD_MULTI;
             }
             UringOpDescriptor::PollRemove(to_remove) => {
                 user_data = 0;
@@ -509,7 +515,7 @@ fn extract_one_chain(
     queue
         .drain(chain)
         .filter(move |op| {
-            if op.user_data > 0 {
+            if op.user_data > 0 && !readiness::is_tagged(op.user_data) {
                 let id = from_user_data(op.user_data);
                 let status = source_map.peek_source_mut(from_user_data(op.user_data), |mut x| {
                     x.wakers.submitted_at = sys::Stamp::at(now);
@@ -1129,8 +1135,17 @@ impl UringCommon for SleepableRing {
 
     fn consume_one_event(&mut self) -> Option<bool> {
         let source_map = self.source_map.clone();
+        let cqe = self.ring.peek_for_cqe();
+        if let Some(c) = cqe.as_ref().filter(|c| readiness::is_tagged(c.user_data())) {
+            let (woke, last) = readiness::complete(c.user_data(), c.raw_result(), c.raw_flags());
+            // A multishot poll counts once in `in_kernel`: its last completion ends it.
+            if last {
+                self.in_kernel -= 1;
+            }
+            return Some(woke);
+        }
         process_one_event(
-            self.ring.peek_for_cqe(),
+            cqe,
             |source| match source.source_type {
                 SourceType::LinkRings => Some(()),
                 _ => None,
@@ -1207,6 +1222,213 @@ pub(crate) struct Reactor {
     blocking_thread: BlockingThreadPool,
 
     rings_depth: usize,
+}
+
+/// `len` of a poll-add SQE that makes it multishot (kernel 5.13).
+const IORING_POLL_ADD_MULTI: u32 = 1;
+/// CQE flag: the request stays armed and will post more completions.
+const IORING_CQE_F_MORE: u32 = 1 << 1;
+
+/// Flux patch 8: read readiness of a socket by one multishot poll, kept armed for the socket's
+/// life, instead of a one-shot poll (and a `Source`, ~256 bytes) armed again after every read.
+/// A slot is 32 bytes in a per-thread table; its key, with the top bit set, is the poll's
+/// `user_data`, so its completions never reach the source map.
+pub(crate) mod readiness {
+    use std::cell::RefCell;
+    use std::os::unix::io::RawFd;
+    use std::task::{Context, Poll, Waker};
+
+    use super::{common_flags, read_flags, ReactorQueue, SubmissionFlags, UringDescriptor, UringOpDescriptor};
+
+    const TAG: u64 = 1 << 63;
+
+    pub(crate) fn is_tagged(user_data: u64) -> bool {
+        user_data & TAG != 0
+    }
+
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    enum State {
+        #[default]
+        Free,
+        /// A multishot poll is in the kernel.
+        Armed,
+        /// Its poll ended (the kernel drops a multishot poll when it cannot post, e.g. on CQ
+        /// overflow); armed again on the next wait.
+        Disarmed,
+        /// Released by its owner; freed when the removed poll's last completion arrives.
+        Removing,
+    }
+
+    #[derive(Debug, Default)]
+    struct Slot {
+        generation: u32,
+        fd: RawFd,
+        state: State,
+        /// An event arrived since the owner last consumed one.
+        ready: bool,
+        waker: Option<Waker>,
+    }
+
+    #[derive(Debug, Default)]
+    struct Slots {
+        slots: Vec<Slot>,
+        free: Vec<u32>,
+        /// The main ring's submission queue, where polls and their removals go.
+        queue: Option<ReactorQueue>,
+    }
+
+    thread_local! {
+        static SLOTS: RefCell<Slots> = RefCell::new(Slots::default());
+    }
+
+    fn key(index: u32, generation: u32) -> u64 {
+        TAG | (u64::from(generation) << 32) | u64::from(index)
+    }
+
+    fn with_slot<R>(key: u64, f: impl FnOnce(&mut Slot) -> R) -> Option<R> {
+        let index = (key & 0xffff_ffff) as u32;
+        let generation = ((key >> 32) as u32) & 0x7fff_ffff;
+        // `try_with`: an owner dropped while the thread's locals are destroyed finds nothing.
+        SLOTS.try_with(|s| {
+            let s = &mut *s.borrow_mut();
+            let slot = s.slots.get_mut(index as usize)?;
+            if slot.generation != generation || slot.state == State::Free {
+                return None;
+            }
+            let r = f(slot);
+            if slot.state == State::Free {
+                slot.waker = None;
+                s.free.push(index);
+            }
+            Some(r)
+        })
+        .ok()
+        .flatten()
+    }
+
+    /// A new armed slot for `fd`, its poll queued on `queue` (the main ring's); returns its key.
+    pub(crate) fn watch(fd: RawFd, queue: ReactorQueue) -> u64 {
+        let key = SLOTS.with(|s| {
+            let s = &mut *s.borrow_mut();
+            if s.queue.is_none() {
+                s.queue = Some(queue);
+            }
+            let index = match s.free.pop() {
+                Some(i) => i,
+                None => {
+                    s.slots.push(Slot::default());
+                    (s.slots.len() - 1) as u32
+                }
+            };
+            let slot = &mut s.slots[index as usize];
+            slot.generation = slot.generation.wrapping_add(1) & 0x7fff_ffff;
+            slot.fd = fd;
+            slot.state = State::Armed;
+            slot.ready = false;
+            slot.waker = None;
+            key(index, slot.generation)
+        });
+        submit(key, UringOpDescriptor::PollAddMulti(common_flags() | read_flags()), fd);
+        key
+    }
+
+    fn submit(user_data: u64, args: UringOpDescriptor, fd: RawFd) {
+        let queue = SLOTS.try_with(|s| s.borrow().queue.clone()).ok().flatten();
+        if let Some(q) = queue {
+            let mut q = q.borrow_mut();
+            let d = UringDescriptor { fd, flags: SubmissionFlags::empty(), user_data, args };
+            match d.args {
+                UringOpDescriptor::PollRemove(_) => q.cancellations.push_back(d),
+                _ => q.submissions.push_back(d),
+            }
+        }
+    }
+
+    /// Consumes an event if one arrived, else registers `cx`'s waker. A poll that had ended is
+    /// submitted again, and the answer is then `Ready` (readiness unknown: the caller reads).
+    pub(crate) fn poll(key: u64, cx: &mut Context<'_>) -> Poll<()> {
+        let (poll, rearm) = poll_slot(key, cx);
+        if let Some(fd) = rearm {
+            submit(key, UringOpDescriptor::PollAddMulti(common_flags() | read_flags()), fd);
+        }
+        poll
+    }
+
+    fn poll_slot(key: u64, cx: &mut Context<'_>) -> (Poll<()>, Option<RawFd>) {
+        with_slot(key, |slot| match slot.state {
+            State::Armed if slot.ready => {
+                slot.ready = false;
+                (Poll::Ready(()), None)
+            }
+            State::Armed => {
+                match &slot.waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => slot.waker = Some(cx.waker().clone()),
+                }
+                (Poll::Pending, None)
+            }
+            State::Disarmed => {
+                slot.ready = false;
+                slot.state = State::Armed;
+                (Poll::Ready(()), Some(slot.fd))
+            }
+            State::Free | State::Removing => (Poll::Ready(()), None),
+        })
+        .unwrap_or((Poll::Ready(()), None))
+    }
+
+    /// The owner is done with `key`: a poll in the kernel is removed (the slot is freed by its
+    /// last completion), else the slot is freed at once.
+    pub(crate) fn release(key: u64) {
+        let in_kernel = with_slot(key, |slot| {
+            slot.waker = None;
+            if slot.state == State::Armed {
+                slot.state = State::Removing;
+                true
+            } else {
+                slot.state = State::Free;
+                false
+            }
+        })
+        .unwrap_or(false);
+        if in_kernel {
+            submit(0, UringOpDescriptor::PollRemove(key as *const u8), -1);
+        }
+    }
+
+    /// A completion for `user_data`: returns (a task was woken, this was the poll's last one).
+    pub(crate) fn complete(user_data: u64, _res: i32, flags: u32) -> (bool, bool) {
+        let last = flags & super::IORING_CQE_F_MORE == 0;
+        let woke = with_slot(user_data, |slot| {
+            match slot.state {
+                State::Removing if last => slot.state = State::Free,
+                State::Removing => {}
+                _ => {
+                    // Errors (POLLERR, POLLHUP, a failed poll) wake the owner too: its next read
+                    // reports them.
+                    slot.ready = true;
+                    if last {
+                        slot.state = State::Disarmed;
+                    }
+                    if let Some(w) = slot.waker.take() {
+                        w.wake();
+                        return true;
+                    }
+                }
+            }
+            false
+        })
+        .unwrap_or(false);
+        (woke, last)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn live_slots() -> usize {
+        SLOTS.with(|s| {
+            let s = s.borrow();
+            s.slots.len() - s.free.len()
+        })
+    }
 }
 
 pub(crate) fn common_flags() -> PollFlags {
@@ -1414,6 +1636,13 @@ impl Reactor {
             op,
             &mut self.source_map.borrow_mut(),
         );
+    }
+
+    /// Flux patch 8: starts watching `fd` for readability with one multishot poll; see
+    /// [`readiness`]. Returns the key for [`readiness::poll`] and [`readiness::release`].
+    pub(crate) fn watch_readable(&self, fd: RawFd) -> u64 {
+        let queue = self.main_ring.borrow_mut().submission_queue();
+        readiness::watch(fd, queue)
     }
 
     pub(crate) fn poll_ready(&self, source: &Source, flags: PollFlags) {
