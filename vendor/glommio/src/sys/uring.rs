@@ -1140,7 +1140,7 @@ impl UringCommon for SleepableRing {
             let (woke, last) = readiness::complete(c.user_data(), c.raw_result(), c.raw_flags());
             // A multishot poll counts once in `in_kernel`: its last completion ends it.
             if last {
-                self.in_kernel -= 1;
+                self.in_kernel = self.in_kernel.saturating_sub(1);
             }
             return Some(woke);
         }
@@ -1336,11 +1336,10 @@ pub(crate) mod readiness {
         let queue = SLOTS.try_with(|s| s.borrow().queue.clone()).ok().flatten();
         if let Some(q) = queue {
             let mut q = q.borrow_mut();
-            let d = UringDescriptor { fd, flags: SubmissionFlags::empty(), user_data, args };
-            match d.args {
-                UringOpDescriptor::PollRemove(_) => q.cancellations.push_back(d),
-                _ => q.submissions.push_back(d),
-            }
+            // Removals too go in the submission queue, after the poll they remove: a poll that
+            // was queued but not yet submitted is then armed and removed in one `io_uring_enter`
+            // (from the cancellation queue, submitted first, it would miss it and stay armed).
+            q.submissions.push_back(UringDescriptor { fd, flags: SubmissionFlags::empty(), user_data, args });
         }
     }
 
