@@ -66,13 +66,19 @@ async fn read_some(stream: &RefCell<TcpStream>, buf: &mut BytesMut) -> Read {
 
 /// Wait until the socket is readable, as its multishot poll `ready` reports, and append what
 /// `recv` returns to `buf`. An active connection re-arms nothing and allocates nothing per read; an
-/// idle one holds only its readiness slot.
+/// idle one holds only its readiness slot. `more` says the last `recv` filled the buffer (the
+/// socket may hold more); after a short one, `recv` waits for the next readiness event, so a
+/// message costs one `recv`, not a second one that finds the socket empty.
 fn read_ready<'a>(
     stream: &'a RefCell<TcpStream>,
     ready: &'a ReadReadiness,
+    more: &'a mut bool,
     buf: &'a mut BytesMut,
 ) -> impl Future<Output = Read> + 'a {
     std::future::poll_fn(move |cx| {
+        if !*more && ready.poll_readable(cx).is_pending() {
+            return Poll::Pending;
+        }
         let fd = stream.borrow().as_raw_fd();
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
@@ -80,7 +86,9 @@ fn read_ready<'a>(
                 // SAFETY: `recv` writes at most `scratch.len()` bytes into the buffer it is given.
                 let n = unsafe { libc::recv(fd, scratch.as_mut_ptr().cast(), scratch.len(), libc::MSG_DONTWAIT) };
                 if n > 0 {
-                    buf.extend_from_slice(&scratch[..n as usize]);
+                    let n = n as usize;
+                    *more = n == scratch.len();
+                    buf.extend_from_slice(&scratch[..n]);
                     return Poll::Ready(Read::Data);
                 }
                 if n == 0 {
@@ -88,12 +96,15 @@ fn read_ready<'a>(
                 }
                 let e = std::io::Error::last_os_error();
                 match e.kind() {
-                    // Ready consumes one readiness event (at most one per loop: completions are
-                    // only processed between polls), so this retries at most once.
-                    std::io::ErrorKind::WouldBlock => match ready.poll_readable(cx) {
-                        Poll::Ready(()) => continue,
-                        Poll::Pending => return Poll::Pending,
-                    },
+                    // Ready consumes one readiness event (completions are only processed between
+                    // polls, so there is at most one): this retries at most once.
+                    std::io::ErrorKind::WouldBlock => {
+                        *more = false;
+                        match ready.poll_readable(cx) {
+                            Poll::Ready(()) => continue,
+                            Poll::Pending => return Poll::Pending,
+                        }
+                    }
                     std::io::ErrorKind::Interrupted => continue,
                     _ => return Poll::Ready(Read::Failed(e)),
                 }
@@ -406,6 +417,8 @@ fn read_loop<'a>(
 ) -> impl Future<Output = ()> + 'a {
     async move {
         let mut publish_will = true;
+        // The socket may already hold bytes sent right after the CONNECT: read before waiting.
+        let mut more = true;
         'conn: loop {
             loop {
                 let packet = match attached.decoder.decode(&mut attached.buf) {
@@ -448,7 +461,7 @@ fn read_loop<'a>(
             // A socket that always has data never makes a read wait: let the shard's other
             // tasks (ring flushes, drains, other connections) run when this one had its share.
             glommio::yield_if_needed().await;
-            match read_ready(stream, ready, &mut attached.buf).await {
+            match read_ready(stream, ready, &mut more, &mut attached.buf).await {
                 Read::Data => conn.touch(Instant::now()),
                 Read::TimedOut | Read::Eof => {
                     conn.close(None);
