@@ -23,6 +23,39 @@ pub fn check_io_uring() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The oldest kernel fluxd runs on: 5.13 brought multishot io_uring polls, which every session's
+/// socket waits on (glommio patch 8). An older kernel would fail each poll at once, and the read
+/// loop would turn into a busy loop of failed polls.
+const MIN_KERNEL: (u32, u32) = (5, 13);
+
+/// Refuses kernels older than [`MIN_KERNEL`], naming the running one.
+pub fn check_kernel_version() -> anyhow::Result<()> {
+    // SAFETY: uname fills the struct it is given; utsname is plain data.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut uts) } != 0 {
+        bail!("cannot read the kernel version: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: uname NUL-terminates release.
+    let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }.to_string_lossy().into_owned();
+    match kernel_version(&release) {
+        Some(v) if v >= MIN_KERNEL => Ok(()),
+        Some(_) => bail!(
+            "Linux {}.{} or later is needed (multishot io_uring polls); this kernel is {release}",
+            MIN_KERNEL.0,
+            MIN_KERNEL.1
+        ),
+        None => bail!("cannot parse the kernel version {release:?}"),
+    }
+}
+
+/// `"6.18.0-foo"` -> `(6, 18)`.
+fn kernel_version(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 /// Keeps transparent huge pages out of this process (`PR_SET_THP_DISABLE`; pages faulted in from
 /// now on are 4 KiB). The allocator asks for huge pages on its arenas, and a huge page is resident
 /// as a whole once one byte of it is touched: with many small per-connection states spread over
@@ -115,6 +148,19 @@ fn check_writable(dir: &Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_versions_parse_and_compare() {
+        assert_eq!(kernel_version("6.18.0-flux"), Some((6, 18)));
+        assert_eq!(kernel_version("5.13"), Some((5, 13)));
+        assert_eq!(kernel_version("5.4.0-150-generic"), Some((5, 4)));
+        assert_eq!(kernel_version("garbage"), None);
+        assert!(kernel_version("5.12.19").unwrap() < MIN_KERNEL);
+        assert!(kernel_version("5.13.0").unwrap() >= MIN_KERNEL);
+        assert!(kernel_version("6.1.0").unwrap() >= MIN_KERNEL);
+        // This machine runs fluxd.
+        check_kernel_version().unwrap();
+    }
 
     #[test]
     fn io_uring_is_available_here() {

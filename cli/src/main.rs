@@ -62,6 +62,7 @@ fn run(mut config: Config) -> anyhow::Result<()> {
     if !config.transparent_huge_pages {
         checks::disable_transparent_huge_pages();
     }
+    checks::check_kernel_version()?;
     checks::check_io_uring()?;
     // Raises RLIMIT_MEMLOCK, or lowers io memory to fit it (both logged by flux_shard).
     let io_memory_bytes = checks::ensure_memlock(config.shards, config.io_memory_bytes)?;
