@@ -70,6 +70,8 @@ pub struct Summary {
     pub cpu_us_per_msg_max: f64,
     pub idle_bytes_per_connection: f64,
     pub idle_bytes_per_connection_range: (f64, f64),
+    /// Median machine steal time during the fixed-rate phases, %.
+    pub steal_percent_fixed: f64,
 }
 
 #[derive(Serialize)]
@@ -358,7 +360,7 @@ fn run_one(spec: &CompareSpec, kind: BrokerKind, round: usize) -> RoundResult {
 
 pub fn one_line(r: &LoadResult) -> String {
     format!(
-        "{}: {:.0} msg/s delivered, {}/{} (lost {}), p50 {:.0} p99 {:.0} p99.9 {:.0} max {:.0} µs, CPU {} µs/msg, send lag p99 {:.0} µs, stopped by {}",
+        "{}: {:.0} msg/s delivered, {}/{} (lost {}), p50 {:.0} p99 {:.0} p99.9 {:.0} max {:.0} µs, CPU {} µs/msg, send lag p99 {:.0} µs, steal {}, stopped by {}",
         r.mode,
         r.delivered_per_sec,
         r.delivered,
@@ -370,6 +372,7 @@ pub fn one_line(r: &LoadResult) -> String {
         r.latency.max_us,
         r.broker_cpu_us_per_msg.map_or("?".into(), |c| format!("{c:.2}")),
         r.send_lag.p99_us,
+        r.steal_percent.map_or("?".into(), |p| format!("{p:.0}%")),
         r.stopped_by
     )
 }
@@ -414,6 +417,7 @@ pub fn summarize(kind: BrokerKind, runs: &[RoundResult]) -> Summary {
         cpu_us_per_msg_max: median(&x(&|r| r.broker_cpu_us_per_msg.unwrap_or(f64::NAN))),
         idle_bytes_per_connection: median(&idle),
         idle_bytes_per_connection_range: range(&idle),
+        steal_percent_fixed: median(&f(&|r| r.steal_percent.unwrap_or(f64::NAN))),
     }
 }
 
@@ -430,7 +434,7 @@ type Column<'a> = (&'a str, &'a dyn Fn(&Summary) -> f64, usize);
 
 /// A Markdown table: one row per broker, then one ratio row per peer (peer / fluxd).
 pub fn render_table(summary: &[Summary]) -> String {
-    let cols: [Column; 12] = [
+    let cols: [Column; 13] = [
         ("fixed msg/s", &|s| s.fixed_delivered_per_sec, 0),
         ("lost", &|s| s.fixed_lost, 0),
         ("p50 µs", &|s| s.p50_us, 0),
@@ -443,6 +447,7 @@ pub fn render_table(summary: &[Summary]) -> String {
         ("CPU µs/msg (max)", &|s| s.cpu_us_per_msg_max, 2),
         ("B/idle conn", &|s| s.idle_bytes_per_connection, 0),
         ("rounds ok", &|s| s.rounds_ok as f64, 0),
+        ("steal % (fixed)", &|s| s.steal_percent_fixed, 0),
     ];
     let mut t = String::new();
     let _ = write!(t, "| broker |");
@@ -465,7 +470,7 @@ pub fn render_table(summary: &[Summary]) -> String {
         for s in summary.iter().filter(|s| s.broker != "fluxd") {
             let _ = write!(t, "| {} / fluxd |", s.broker);
             for (name, get, _) in &cols {
-                let ratio = if *name == "rounds ok" || *name == "lost" {
+                let ratio = if *name == "rounds ok" || *name == "lost" || name.starts_with("steal") {
                     f64::NAN
                 } else {
                     get(s) / get(flux)

@@ -361,6 +361,10 @@ pub struct LoadResult {
     pub send_lag: Percentiles,
     pub broker_cpu_us: Option<f64>,
     pub broker_cpu_us_per_msg: Option<f64>,
+    /// The machine's steal time over the same window, % of all CPU time (`/proc/stat`): how much
+    /// a shared host took away while this ran. Latency figures of runs with high steal are noise.
+    #[serde(default)]
+    pub steal_percent: Option<f64>,
     pub broker_rss_bytes: Option<u64>,
     /// fluxd home shard of each publisher / subscriber (by client id hash).
     pub publisher_shards: Vec<u16>,
@@ -837,6 +841,7 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
     };
     sleep_until(shared.measure_from_ns);
     let cpu_start = target.pid.and_then(stats::process_cpu);
+    let machine_start = stats::machine_cpu_ticks();
 
     // Send phase, with progress. Publishers stop themselves on count or time; the extra second
     // here is a backstop against a publisher stuck in a write.
@@ -958,6 +963,7 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         (delivered < expected || acks_pending) && !quiet
     });
     let cpu_end = target.pid.and_then(stats::process_cpu);
+    let machine_end = stats::machine_cpu_ticks();
     let rss = target.pid.and_then(stats::process_rss_bytes);
     if let (Some(b), Some((attach_ns, cpu_attach, delivered_at_attach))) =
         (backlog.as_mut(), drain_from)
@@ -1087,6 +1093,7 @@ pub fn run(spec: &LoadSpec, target: Target) -> anyhow::Result<LoadResult> {
         latency: Percentiles::of(&latency),
         send_lag: Percentiles::of(&send_lag),
         broker_cpu_us: cpu_us,
+        steal_percent: stats::steal_percent(machine_start, machine_end),
         broker_cpu_us_per_msg: cpu_us.filter(|_| measured > 0).map(|c| c / measured as f64),
         broker_rss_bytes: rss,
         publisher_shards,

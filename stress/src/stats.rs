@@ -66,6 +66,30 @@ fn clock_ticks_per_sec() -> u64 {
     }
 }
 
+/// The machine's CPU time so far, from the `cpu` line of `/proc/stat`: (steal, total) in clock
+/// ticks. Steal is time the hypervisor ran something else while this VM wanted a CPU.
+pub fn machine_cpu_ticks() -> Option<(u64, u64)> {
+    parse_cpu_line(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+fn parse_cpu_line(stat: &str) -> Option<(u64, u64)> {
+    let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+    // user nice system idle iowait irq softirq steal guest guest_nice; guest time is already in
+    // user and nice, so the total stops at steal.
+    let v: Vec<u64> = line.split_whitespace().skip(1).take(8).filter_map(|x| x.parse().ok()).collect();
+    if v.len() < 8 {
+        return None;
+    }
+    Some((v[7], v.iter().sum()))
+}
+
+/// Steal time between two [`machine_cpu_ticks`] readings, as a percentage of all CPU time.
+pub fn steal_percent(a: Option<(u64, u64)>, b: Option<(u64, u64)>) -> Option<f64> {
+    let ((s0, t0), (s1, t1)) = (a?, b?);
+    let total = t1.checked_sub(t0).filter(|t| *t > 0)?;
+    Some(s1.saturating_sub(s0) as f64 * 100.0 / total as f64)
+}
+
 /// Resident set size of a process in bytes (`VmRSS` of `/proc/<pid>/status`).
 pub fn process_rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -98,6 +122,15 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn steal_is_read_from_the_cpu_line() {
+        let stat = "cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n";
+        assert_eq!(parse_cpu_line(stat), Some((40, 1000)));
+        assert_eq!(steal_percent(Some((40, 1000)), Some((140, 2000))), Some(10.0));
+        assert_eq!(steal_percent(Some((40, 1000)), Some((40, 1000))), None);
+        assert!(machine_cpu_ticks().is_some());
     }
 
     #[test]
