@@ -32,7 +32,8 @@ impl ReadReadiness {
     }
 
     /// `Ready` when data (or an error or hang-up) arrived since the last `Ready`, or when the
-    /// state is unknown. Otherwise registers the waker.
+    /// poll had ended and was submitted again (readiness unknown: read to find out). Otherwise
+    /// registers the waker and is `Pending`.
     pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<()> {
         readiness::poll(self.key, cx)
     }

@@ -1371,9 +1371,11 @@ pub(crate) mod readiness {
                 slot.state = State::Armed;
                 (Poll::Ready(()), Some(slot.fd))
             }
-            State::Free | State::Removing => (Poll::Ready(()), None),
+            // Not reachable for a live owner (its slot is freed only by its drop). Pending, not
+            // Ready: a caller that reads on Ready and finds nothing would otherwise spin.
+            State::Free | State::Removing => (Poll::Pending, None),
         })
-        .unwrap_or((Poll::Ready(()), None))
+        .unwrap_or((Poll::Pending, None))
     }
 
     /// The owner is done with `key`: a poll in the kernel is removed (the slot is freed by its
