@@ -1137,7 +1137,7 @@ impl UringCommon for SleepableRing {
         let source_map = self.source_map.clone();
         let cqe = self.ring.peek_for_cqe();
         if let Some(c) = cqe.as_ref().filter(|c| readiness::is_tagged(c.user_data())) {
-            let (woke, last) = readiness::complete(c.user_data(), c.raw_result(), c.raw_flags());
+            let (woke, last) = readiness::complete(c.user_data(), c.raw_flags());
             // A multishot poll counts once in `in_kernel`: its last completion ends it.
             if last {
                 self.in_kernel = self.in_kernel.saturating_sub(1);
@@ -1328,19 +1328,23 @@ pub(crate) mod readiness {
             slot.waker = None;
             key(index, slot.generation)
         });
-        submit(key, UringOpDescriptor::PollAddMulti(common_flags() | read_flags()), fd);
+        arm(key, fd);
         key
     }
 
+    fn arm(key: u64, fd: RawFd) {
+        submit(key, UringOpDescriptor::PollAddMulti(common_flags() | read_flags()), fd);
+    }
+
     fn submit(user_data: u64, args: UringOpDescriptor, fd: RawFd) {
-        let queue = SLOTS.try_with(|s| s.borrow().queue.clone()).ok().flatten();
-        if let Some(q) = queue {
+        let _ = SLOTS.try_with(|s| {
+            let Some(q) = &s.borrow().queue else { return };
             let mut q = q.borrow_mut();
             // Removals too go in the submission queue, after the poll they remove: a poll that
             // was queued but not yet submitted is then armed and removed in one `io_uring_enter`
             // (from the cancellation queue, submitted first, it would miss it and stay armed).
             q.submissions.push_back(UringDescriptor { fd, flags: SubmissionFlags::empty(), user_data, args });
-        }
+        });
     }
 
     /// Consumes an event if one arrived, else registers `cx`'s waker. A poll that had ended is
@@ -1348,7 +1352,7 @@ pub(crate) mod readiness {
     pub(crate) fn poll(key: u64, cx: &mut Context<'_>) -> Poll<()> {
         let (poll, rearm) = poll_slot(key, cx);
         if let Some(fd) = rearm {
-            submit(key, UringOpDescriptor::PollAddMulti(common_flags() | read_flags()), fd);
+            arm(key, fd);
         }
         poll
     }
@@ -1398,37 +1402,29 @@ pub(crate) mod readiness {
     }
 
     /// A completion for `user_data`: returns (a task was woken, this was the poll's last one).
-    pub(crate) fn complete(user_data: u64, _res: i32, flags: u32) -> (bool, bool) {
+    pub(crate) fn complete(user_data: u64, flags: u32) -> (bool, bool) {
         let last = flags & super::IORING_CQE_F_MORE == 0;
-        let woke = with_slot(user_data, |slot| {
-            match slot.state {
-                State::Removing if last => slot.state = State::Free,
-                State::Removing => {}
-                _ => {
-                    // Errors (POLLERR, POLLHUP, a failed poll) wake the owner too: its next read
-                    // reports them.
-                    slot.ready = true;
-                    if last {
-                        slot.state = State::Disarmed;
-                    }
-                    if let Some(w) = slot.waker.take() {
-                        w.wake();
-                        return true;
-                    }
+        let waker = with_slot(user_data, |slot| match slot.state {
+            State::Removing => {
+                if last {
+                    slot.state = State::Free;
                 }
+                None
             }
-            false
+            _ => {
+                // Errors (POLLERR, POLLHUP, a failed poll) wake the owner too: its next read
+                // reports them.
+                slot.ready = true;
+                if last {
+                    slot.state = State::Disarmed;
+                }
+                slot.waker.take()
+            }
         })
-        .unwrap_or(false);
+        .flatten();
+        // Woken after the table is released: a waker may run code that touches it.
+        let woke = waker.map(Waker::wake).is_some();
         (woke, last)
-    }
-
-    #[cfg(test)]
-    pub(crate) fn live_slots() -> usize {
-        SLOTS.with(|s| {
-            let s = s.borrow();
-            s.slots.len() - s.free.len()
-        })
     }
 }
 
