@@ -87,7 +87,10 @@ fn read_ready<'a>(
                 let n = unsafe { libc::recv(fd, scratch.as_mut_ptr().cast(), scratch.len(), libc::MSG_DONTWAIT) };
                 if n > 0 {
                     let n = n as usize;
-                    *more = n == scratch.len();
+                    // After a short read the socket is drained, unless the peer hung up: the end
+                    // of the stream (or an error) then waits for a read of its own, and no further
+                    // readiness event will announce it.
+                    *more = n == scratch.len() || ready.hung_up();
                     buf.extend_from_slice(&scratch[..n]);
                     return Poll::Ready(Read::Data);
                 }

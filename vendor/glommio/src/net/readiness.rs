@@ -39,6 +39,15 @@ impl ReadReadiness {
     }
 }
 
+impl ReadReadiness {
+    /// The socket reported a hang-up or an error (sticky). Several events reported before one
+    /// read are a single `Ready`: after a short read the socket may still hold the end of the
+    /// stream (or an error) for the next read, and no further event will come for it.
+    pub fn hung_up(&self) -> bool {
+        readiness::hung_up(self.key)
+    }
+}
+
 impl Drop for ReadReadiness {
     fn drop(&mut self) {
         readiness::release(self.key);

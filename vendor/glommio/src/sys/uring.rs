@@ -1137,7 +1137,7 @@ impl UringCommon for SleepableRing {
         let source_map = self.source_map.clone();
         let cqe = self.ring.peek_for_cqe();
         if let Some(c) = cqe.as_ref().filter(|c| readiness::is_tagged(c.user_data())) {
-            let (woke, last) = readiness::complete(c.user_data(), c.raw_flags());
+            let (woke, last) = readiness::complete(c.user_data(), c.raw_result(), c.raw_flags());
             // A multishot poll counts once in `in_kernel`: its last completion ends it.
             if last {
                 self.in_kernel = self.in_kernel.saturating_sub(1);
@@ -1238,7 +1238,7 @@ pub(crate) mod readiness {
     use std::os::unix::io::RawFd;
     use std::task::{Context, Poll, Waker};
 
-    use super::{common_flags, read_flags, ReactorQueue, SubmissionFlags, UringDescriptor, UringOpDescriptor};
+    use super::{common_flags, read_flags, PollFlags, ReactorQueue, SubmissionFlags, UringDescriptor, UringOpDescriptor};
 
     const TAG: u64 = 1 << 63;
 
@@ -1266,6 +1266,9 @@ pub(crate) mod readiness {
         state: State,
         /// An event arrived since the owner last consumed one.
         ready: bool,
+        /// Sticky: the peer hung up or the socket has an error (POLLRDHUP, POLLHUP, POLLERR), so
+        /// a read that returned data may be followed by one that returns the end or the error.
+        hung_up: bool,
         waker: Option<Waker>,
     }
 
@@ -1325,6 +1328,7 @@ pub(crate) mod readiness {
             slot.fd = fd;
             slot.state = State::Armed;
             slot.ready = false;
+            slot.hung_up = false;
             slot.waker = None;
             key(index, slot.generation)
         });
@@ -1333,7 +1337,13 @@ pub(crate) mod readiness {
     }
 
     fn arm(key: u64, fd: RawFd) {
-        submit(key, UringOpDescriptor::PollAddMulti(common_flags() | read_flags()), fd);
+        let rdhup = PollFlags::from_bits_retain(libc::POLLRDHUP);
+        submit(key, UringOpDescriptor::PollAddMulti(common_flags() | read_flags() | rdhup), fd);
+    }
+
+    /// Whether the socket of `key` has reported a hang-up or an error.
+    pub(crate) fn hung_up(key: u64) -> bool {
+        with_slot(key, |slot| slot.hung_up).unwrap_or(true)
     }
 
     fn submit(user_data: u64, args: UringOpDescriptor, fd: RawFd) {
@@ -1402,7 +1412,7 @@ pub(crate) mod readiness {
     }
 
     /// A completion for `user_data`: returns (a task was woken, this was the poll's last one).
-    pub(crate) fn complete(user_data: u64, flags: u32) -> (bool, bool) {
+    pub(crate) fn complete(user_data: u64, res: i32, flags: u32) -> (bool, bool) {
         let last = flags & super::IORING_CQE_F_MORE == 0;
         let waker = with_slot(user_data, |slot| match slot.state {
             State::Removing => {
@@ -1415,6 +1425,10 @@ pub(crate) mod readiness {
                 // Errors (POLLERR, POLLHUP, a failed poll) wake the owner too: its next read
                 // reports them.
                 slot.ready = true;
+                let hup = i32::from(libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR);
+                if res < 0 || res & hup != 0 {
+                    slot.hung_up = true;
+                }
                 if last {
                     slot.state = State::Disarmed;
                 }
